@@ -1,0 +1,89 @@
+//! `/healthz`, `/v1/node`, `/v1/peers`, `/metrics`.
+
+use axum::Json;
+use axum::extract::State;
+use axum::response::IntoResponse;
+use serde::Serialize;
+use serde_json::{Value, json};
+
+use super::ApiError;
+use crate::node::NodeHandle;
+
+pub async fn healthz() -> Json<Value> {
+    Json(json!({"status": "ok"}))
+}
+
+#[derive(Serialize)]
+pub struct NodeView {
+    node_id: String,
+    mesh: String,
+    version: &'static str,
+    listen_addrs: Vec<String>,
+    api: Option<String>,
+    peers_connected: usize,
+    agents_local: usize,
+    uptime_secs: u64,
+}
+
+pub async fn info(State(node): State<NodeHandle>) -> Result<Json<NodeView>, ApiError> {
+    let i = node.info().await?;
+    Ok(Json(NodeView {
+        node_id: i.node_id.to_string(),
+        mesh: i.mesh,
+        version: env!("CARGO_PKG_VERSION"),
+        listen_addrs: i.listen_addrs.iter().map(|a| a.to_string()).collect(),
+        api: i.api.map(|a| a.to_string()),
+        peers_connected: i.peers_connected,
+        agents_local: i.agents_local,
+        uptime_secs: i.uptime_secs,
+    }))
+}
+
+#[derive(Serialize)]
+pub struct PeerView {
+    node_id: String,
+    addrs: Vec<String>,
+    connected: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rtt_ms: Option<f64>,
+}
+
+pub async fn peers(State(node): State<NodeHandle>) -> Result<Json<Vec<PeerView>>, ApiError> {
+    let peers = node.peers().await?;
+    Ok(Json(
+        peers
+            .into_iter()
+            .map(|p| PeerView {
+                node_id: p.peer_id.to_string(),
+                addrs: p.addrs.iter().map(|a| a.to_string()).collect(),
+                connected: p.connected,
+                rtt_ms: p.rtt.map(|d| (d.as_secs_f64() * 1000.0 * 100.0).round() / 100.0),
+            })
+            .collect(),
+    ))
+}
+
+pub async fn metrics(State(node): State<NodeHandle>) -> Result<impl IntoResponse, ApiError> {
+    let i = node.info().await?;
+    let stats = node.store().stats();
+    let mut out = String::new();
+    let mut gauge = |name: &str, help: &str, kind: &str, v: u64| {
+        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n"));
+    };
+    gauge("agentmesh_peers_connected", "Identified peers connected now.", "gauge", i.peers_connected as u64);
+    gauge("agentmesh_agents_local", "Agents registered on this node.", "gauge", i.agents_local as u64);
+    gauge("agentmesh_uptime_seconds", "Seconds since the node started.", "gauge", i.uptime_secs);
+    gauge(
+        "agentmesh_store_commits_total",
+        "Write transactions committed.",
+        "counter",
+        stats.commits.load(std::sync::atomic::Ordering::Relaxed),
+    );
+    gauge(
+        "agentmesh_store_writes_total",
+        "Writes applied (several per commit under load).",
+        "counter",
+        stats.writes.load(std::sync::atomic::Ordering::Relaxed),
+    );
+    Ok(([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], out))
+}

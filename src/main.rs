@@ -1,0 +1,305 @@
+//! The `agentmesh` command line: parses arguments, builds the config, and
+//! calls the library. Nothing here is needed by the library itself.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use agentmesh::client::Client;
+use agentmesh::config::{self, FileConfig, NodeConfig};
+use agentmesh::{Node, identity};
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use libp2p::Multiaddr;
+use serde_json::Value;
+
+#[derive(Parser, Debug)]
+#[command(name = "agentmesh", version, about = "A peer-to-peer mesh for AI agents: discovery, routing and durable delivery with no central broker")]
+struct Cli {
+    /// Log output format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run a sidecar node in the foreground (works with no flags at all).
+    Node(NodeArgs),
+    /// Create the node key and a commented config file in the data dir.
+    Init {
+        /// Data directory (default: $AGENTMESH_DATA or ~/.agentmesh).
+        #[arg(long, env = "AGENTMESH_DATA")]
+        data_dir: Option<PathBuf>,
+        /// Mesh name written into the config.
+        #[arg(long, default_value = config::DEFAULT_MESH)]
+        mesh: String,
+        /// Overwrite an existing config file.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Show the running node's identity and status.
+    Info(ClientArgs),
+    /// List the peers the running node knows.
+    Peers(ClientArgs),
+}
+
+#[derive(Args, Debug)]
+struct NodeArgs {
+    /// TOML config file (default: <data_dir>/config.toml when it exists).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Data directory (default: $AGENTMESH_DATA or ~/.agentmesh).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// libp2p listen address; repeatable (default: TCP and QUIC on port 7710).
+    #[arg(long = "listen", value_name = "MULTIADDR", value_parser = parse_multiaddr)]
+    listen: Vec<Multiaddr>,
+    /// Bootstrap peer; repeatable.
+    #[arg(long = "bootstrap", value_name = "MULTIADDR", value_parser = parse_multiaddr)]
+    bootstrap: Vec<Multiaddr>,
+    /// Local API address (default: 127.0.0.1:7700).
+    #[arg(long, value_name = "ADDR")]
+    api: Option<SocketAddr>,
+    /// Mesh name (default: "default").
+    #[arg(long)]
+    mesh: Option<String>,
+    /// Turn off mDNS discovery on the LAN.
+    #[arg(long)]
+    no_mdns: bool,
+}
+
+#[derive(Args, Debug)]
+struct ClientArgs {
+    /// API address of the node (default: read from the data dir, else 127.0.0.1:7700).
+    #[arg(long, value_name = "ADDR")]
+    api: Option<SocketAddr>,
+    /// Bearer token (default: <data_dir>/api-token).
+    #[arg(long, env = "AGENTMESH_TOKEN")]
+    token: Option<String>,
+    /// Data directory of the node (to find its token and address).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Print machine-readable JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_multiaddr(s: &str) -> Result<Multiaddr, String> {
+    s.parse::<Multiaddr>()
+        .map_err(|e| format!("{s:?} is not a multiaddr ({e}); expected e.g. /ip4/127.0.0.1/tcp/7710"))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            if e.downcast_ref::<config::Error>().is_some() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,libp2p_swarm=warn,libp2p_mdns=warn,libp2p_kad=error"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Node(args) => run_node(args).await,
+        Command::Init { data_dir, mesh, force } => init(data_dir, &mesh, force),
+        Command::Info(c) => {
+            let v = client(&c)?.get("/v1/node").await?;
+            print_value(&v, c.json, |v| {
+                format!(
+                    "node_id  {}\nmesh     {}\nversion  {}\npeers    {}\nagents   {}\nuptime   {}s\nlisten   {}",
+                    s(&v["node_id"]),
+                    s(&v["mesh"]),
+                    s(&v["version"]),
+                    v["peers_connected"],
+                    v["agents_local"],
+                    v["uptime_secs"],
+                    v["listen_addrs"].as_array().map(|a| a.iter().map(s).collect::<Vec<_>>().join(" ")).unwrap_or_default()
+                )
+            });
+            Ok(())
+        }
+        Command::Peers(c) => {
+            let v = client(&c)?.get("/v1/peers").await?;
+            print_value(&v, c.json, |v| {
+                let mut out = String::new();
+                for p in v.as_array().into_iter().flatten() {
+                    out.push_str(&format!(
+                        "{}  {}  {}\n",
+                        s(&p["node_id"]),
+                        if p["connected"].as_bool() == Some(true) { "connected" } else { "known" },
+                        p["addrs"].as_array().map(|a| a.iter().map(s).collect::<Vec<_>>().join(" ")).unwrap_or_default()
+                    ));
+                }
+                out.trim_end().to_string()
+            });
+            Ok(())
+        }
+    }
+}
+
+fn s(v: &Value) -> String {
+    v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string())
+}
+
+fn print_value(v: &Value, json: bool, human: impl Fn(&Value) -> String) {
+    if json {
+        println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+    } else {
+        println!("{}", human(v));
+    }
+}
+
+fn data_dir_or_default(d: Option<PathBuf>) -> Result<PathBuf> {
+    match d {
+        Some(d) => Ok(d),
+        None => Ok(config::default_data_dir()?),
+    }
+}
+
+fn client(c: &ClientArgs) -> Result<Client> {
+    let dir = data_dir_or_default(c.data_dir.clone())?;
+    Ok(Client::for_data_dir(&dir, c.api, c.token.clone())?)
+}
+
+/// Defaults, then the config file, then flags.
+fn build_config(args: &NodeArgs) -> Result<NodeConfig> {
+    let flag_dir = args.data_dir.clone();
+    let mut dir = match &flag_dir {
+        Some(d) => d.clone(),
+        None => config::default_data_dir()?,
+    };
+    let file_path = match &args.config {
+        Some(p) => Some(p.clone()),
+        None => Some(dir.join(config::CONFIG_FILE_NAME)).filter(|p| p.exists()),
+    };
+    let file = match &file_path {
+        Some(p) => Some(FileConfig::load(p)?),
+        None => None,
+    };
+    if flag_dir.is_none()
+        && let Some(d) = file.as_ref().and_then(|f| f.data_dir.clone())
+    {
+        dir = d;
+    }
+    let mut cfg = NodeConfig::with_data_dir(&dir);
+    if let Some(f) = file {
+        cfg.apply_file(f)?;
+    }
+    cfg.data_dir = dir;
+    if !args.listen.is_empty() {
+        cfg.network.listen = args.listen.clone();
+        cfg.network.listen_is_default = false;
+    }
+    cfg.network.bootstrap.extend(args.bootstrap.iter().cloned());
+    if let Some(a) = args.api {
+        cfg.api.listen = a;
+        cfg.api.listen_is_default = false;
+    }
+    if let Some(m) = &args.mesh {
+        cfg.mesh = m.clone();
+    }
+    if args.no_mdns {
+        cfg.network.mdns = false;
+    }
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+async fn run_node(args: NodeArgs) -> Result<()> {
+    let cfg = build_config(&args)?;
+    let data_dir = cfg.data_dir.clone();
+    let node = Node::start(cfg)
+        .await
+        .with_context(|| format!("cannot start the node (data dir {})", data_dir.display()))?;
+    let h = node.handle();
+    eprintln!(
+        "agentmesh node {} (mesh {:?})\n  p2p: {}\n  api: http://{} (token in {})",
+        h.node_id(),
+        h.config().mesh,
+        h.listen_addrs().iter().map(|a| a.to_string()).collect::<Vec<_>>().join(" "),
+        h.api_addr().map(|a| a.to_string()).unwrap_or_else(|| "disabled".into()),
+        data_dir.join(agentmesh::node::TOKEN_FILE).display()
+    );
+    drop(h);
+    wait_for_signal().await;
+    tracing::info!("shutting down");
+    node.shutdown().await;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+fn init(data_dir: Option<PathBuf>, mesh: &str, force: bool) -> Result<()> {
+    config::validate_mesh_name(mesh)?;
+    let dir = data_dir_or_default(data_dir)?;
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let key = identity::NodeKey::load_or_create(&dir)?;
+    let cfg_path = dir.join(config::CONFIG_FILE_NAME);
+    write_config(&cfg_path, mesh, force)?;
+    println!("node id:     {}", key.peer_id());
+    println!("node key:    {}", dir.join(identity::NODE_KEY_FILE).display());
+    println!("config file: {}", cfg_path.display());
+    println!("start with:  agentmesh node --data-dir {}", dir.display());
+    Ok(())
+}
+
+fn write_config(path: &Path, mesh: &str, force: bool) -> Result<()> {
+    if path.exists() && !force {
+        bail!("{} already exists (use --force to overwrite)", path.display());
+    }
+    std::fs::write(path, config::commented_template(mesh))
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}

@@ -1,0 +1,61 @@
+//! Building the swarm: TCP + QUIC for real deployments, libp2p's in-memory
+//! transport for simulations of many nodes in one process.
+
+use libp2p::core::transport::{MemoryTransport, Transport, upgrade};
+use libp2p::identity::Keypair;
+use libp2p::{Swarm, SwarmBuilder, noise, tcp, yamux};
+
+use super::behaviour::{self, Behaviour, Protocols};
+use crate::config::{NetworkConfig, TransportKind};
+
+/// Why a swarm could not be built.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot build the libp2p swarm: {0}")]
+pub struct BuildError(String);
+
+/// Build a swarm for this node.
+pub fn build_swarm(
+    key: &Keypair,
+    protocols: &Protocols,
+    net: &NetworkConfig,
+) -> Result<Swarm<Behaviour>, BuildError> {
+    let err = |e: &dyn std::fmt::Display| BuildError(e.to_string());
+    let idle = net.idle_timeout;
+    let mdns = net.mdns && net.transport == TransportKind::Tcp;
+    let make = |k: &Keypair| behaviour::build(k, protocols, mdns);
+    let swarm = match net.transport {
+        TransportKind::Tcp => SwarmBuilder::with_existing_identity(key.clone())
+            .with_tokio()
+            .with_tcp(
+                tcp::Config::default().nodelay(true),
+                noise::Config::new,
+                yamux::Config::default,
+            )
+            .map_err(|e| err(&e))?
+            .with_quic()
+            .with_dns()
+            .map_err(|e| err(&e))?
+            .with_behaviour(make)
+            .map_err(|e| err(&e))?
+            .with_swarm_config(|c| c.with_idle_connection_timeout(idle))
+            .build(),
+        TransportKind::Memory => {
+            let noise = noise::Config::new(key).map_err(|e| err(&e))?;
+            SwarmBuilder::with_existing_identity(key.clone())
+            .with_tokio()
+            .with_other_transport(move |_| {
+                MemoryTransport::default()
+                    .upgrade(upgrade::Version::V1)
+                    .authenticate(noise)
+                    .multiplex(yamux::Config::default())
+                    .boxed()
+            })
+            .map_err(|e| err(&e))?
+            .with_behaviour(make)
+            .map_err(|e| err(&e))?
+            .with_swarm_config(|c| c.with_idle_connection_timeout(idle))
+            .build()
+        }
+    };
+    Ok(swarm)
+}

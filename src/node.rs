@@ -1,0 +1,408 @@
+//! A node: opens the store, starts the network, the services and the API,
+//! and hands out the [`NodeHandle`] façade.
+//!
+//! [`Node`] owns the running parts and is the only thing that can stop them;
+//! [`NodeHandle`] is the cheap clone the API and tests use to ask questions.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use libp2p::{Multiaddr, PeerId};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, info, info_span, warn};
+
+use crate::config::{self, NodeConfig};
+use crate::identity::{self, NodeKey};
+use crate::net::{self, EventLoop, NetHandle, PeerInfo};
+use crate::store::{self, Store, WriterThread};
+
+/// File holding the generated API token.
+pub const TOKEN_FILE: &str = "api-token";
+/// File the node writes its actual API address into (for CLI clients).
+pub const API_ADDR_FILE: &str = "api-addr";
+/// How long shutdown waits for tasks before aborting them.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] config::Error),
+    /// The data dir could not be created or used.
+    #[error("data dir {path}: {source}")]
+    DataDir {
+        /// Directory.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Keys could not be loaded or created.
+    #[error(transparent)]
+    Identity(#[from] identity::Error),
+    /// The database could not be opened.
+    #[error(transparent)]
+    Store(#[from] store::OpenError),
+    /// The network could not start.
+    #[error(transparent)]
+    Net(#[from] net::StartError),
+    /// The API address could not be bound.
+    #[error("cannot bind the API on {addr}: {source}")]
+    ApiBind {
+        /// Address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// Facts about the node for `/v1/node`.
+#[derive(Debug, Clone)]
+pub struct NodeInfo {
+    /// PeerId.
+    pub node_id: PeerId,
+    /// Mesh name.
+    pub mesh: String,
+    /// Listen addresses.
+    pub listen_addrs: Vec<Multiaddr>,
+    /// API address, when serving.
+    pub api: Option<SocketAddr>,
+    /// Identified peers connected now.
+    pub peers_connected: usize,
+    /// Agents registered on this node.
+    pub agents_local: usize,
+    /// Seconds since start.
+    pub uptime_secs: u64,
+}
+
+struct Inner {
+    node_id: PeerId,
+    key: NodeKey,
+    config: NodeConfig,
+    net: NetHandle,
+    store: Store,
+    started: Instant,
+    listen_addrs: Vec<Multiaddr>,
+    api_addr: OnceLock<SocketAddr>,
+    token: String,
+    cancel: CancellationToken,
+}
+
+/// Cheap, cloneable façade over a running node.
+#[derive(Clone)]
+pub struct NodeHandle {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for NodeHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeHandle").field("node_id", &self.inner.node_id).finish()
+    }
+}
+
+/// A running node. Dropping it without `shutdown` aborts its tasks.
+pub struct Node {
+    handle: Option<NodeHandle>,
+    tasks: Vec<JoinHandle<()>>,
+    writer: Option<WriterThread>,
+}
+
+impl Node {
+    /// Start a node: keys, database, network, services, API.
+    pub async fn start(config: NodeConfig) -> Result<Node, StartError> {
+        config.validate()?;
+        create_data_dir(&config.data_dir)?;
+        let key = NodeKey::load_or_create(&config.data_dir)?;
+        let node_id = key.peer_id();
+        let span = info_span!("node", id = %short(&node_id));
+        let (store, writer) = Store::open(&config.data_dir)?;
+        let token = load_or_create_token(&config)?;
+
+        let (net, commands) = NetHandle::channel(node_id);
+        let (events_tx, events_rx) = mpsc::channel(net::EVENT_QUEUE);
+        let event_loop = EventLoop::start(key.keypair(), &config.mesh, &config.network, commands, events_tx)
+            .instrument(span.clone())
+            .await?;
+        let listen_addrs = event_loop.listen_addrs().to_vec();
+        let cancel = CancellationToken::new();
+        let mut tasks = vec![tokio::spawn(event_loop.run().instrument(span.clone()))];
+
+        let handle = NodeHandle {
+            inner: Arc::new(Inner {
+                node_id,
+                key,
+                config,
+                net,
+                store,
+                started: Instant::now(),
+                listen_addrs,
+                api_addr: OnceLock::new(),
+                token,
+                cancel: cancel.clone(),
+            }),
+        };
+
+        tasks.push(tokio::spawn(
+            dispatch(handle.clone(), events_rx, cancel.clone()).instrument(span.clone()),
+        ));
+
+        if handle.inner.config.api.enabled {
+            let listener = bind_api(&handle.inner.config).await?;
+            let addr = listener.local_addr().map_err(|source| StartError::ApiBind {
+                addr: handle.inner.config.api.listen,
+                source,
+            })?;
+            let _ = handle.inner.api_addr.set(addr);
+            if let Err(e) = std::fs::write(handle.inner.config.data_dir.join(API_ADDR_FILE), format!("{addr}\n")) {
+                warn!(error = %e, "cannot record the API address in the data dir");
+            }
+            let app = crate::api::router(handle.clone());
+            let shutdown = cancel.clone();
+            tasks.push(tokio::spawn(
+                async move {
+                    info!(%addr, "API listening");
+                    let serve = axum::serve(listener, app).with_graceful_shutdown(async move { shutdown.cancelled().await });
+                    if let Err(e) = serve.await {
+                        warn!(error = %e, "API server stopped with an error");
+                    }
+                }
+                .instrument(span.clone()),
+            ));
+        }
+        info!(parent: &span, node_id = %node_id, mesh = %handle.inner.config.mesh, "node started");
+        Ok(Node {
+            handle: Some(handle),
+            tasks,
+            writer: Some(writer),
+        })
+    }
+
+    /// The façade.
+    pub fn handle(&self) -> NodeHandle {
+        self.handle.clone().expect("the handle is only taken by shutdown, which consumes the node")
+    }
+
+    fn cancel(&self) {
+        if let Some(h) = &self.handle {
+            h.inner.cancel.cancel();
+        }
+    }
+
+    /// Graceful stop: stop serving, let tasks finish, close the database.
+    pub async fn shutdown(mut self) {
+        self.cancel();
+        let node_id = self.handle().node_id();
+        self.handle().inner.net.shutdown().await;
+        let tasks = std::mem::take(&mut self.tasks);
+        for mut t in tasks {
+            if tokio::time::timeout(SHUTDOWN_GRACE, &mut t).await.is_err() {
+                warn!("a task did not stop in time; aborting it");
+                t.abort();
+            }
+        }
+        self.close_store().await;
+        info!(%node_id, "node stopped");
+    }
+
+    /// Stop abruptly, as a crash would: abort every task without flushing
+    /// anything. Committed data survives; the database is closed so the
+    /// node can be started again in the same process.
+    pub async fn crash(mut self) {
+        self.cancel();
+        for t in std::mem::take(&mut self.tasks) {
+            t.abort();
+            let _ = t.await;
+        }
+        self.close_store().await;
+    }
+
+    async fn close_store(&mut self) {
+        let Some(handle) = self.handle.take() else {
+            return;
+        };
+        let deadline = Instant::now() + SHUTDOWN_GRACE;
+        while Arc::strong_count(&handle.inner) > 1 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let last = Arc::strong_count(&handle.inner) == 1;
+        drop(handle);
+        match (last, self.writer.take()) {
+            (true, Some(w)) => {
+                let _ = tokio::task::spawn_blocking(move || w.join()).await;
+            }
+            _ => warn!("NodeHandle clones are still alive; the database closes when the last one drops"),
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+impl NodeHandle {
+    /// This node's id.
+    pub fn node_id(&self) -> PeerId {
+        self.inner.node_id
+    }
+
+    /// The configuration the node runs with.
+    pub fn config(&self) -> &NodeConfig {
+        &self.inner.config
+    }
+
+    /// The node's key.
+    pub fn key(&self) -> &NodeKey {
+        &self.inner.key
+    }
+
+    /// The network handle.
+    pub fn net(&self) -> &NetHandle {
+        &self.inner.net
+    }
+
+    /// The database.
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    /// The API bearer token.
+    pub fn api_token(&self) -> &str {
+        &self.inner.token
+    }
+
+    /// Where the API listens, if it does.
+    pub fn api_addr(&self) -> Option<SocketAddr> {
+        self.inner.api_addr.get().copied()
+    }
+
+    /// Addresses libp2p listens on.
+    pub fn listen_addrs(&self) -> &[Multiaddr] {
+        &self.inner.listen_addrs
+    }
+
+    /// A dialable address of this node (first listen address + `/p2p/<id>`).
+    pub fn dial_addr(&self) -> Option<Multiaddr> {
+        self.inner
+            .listen_addrs
+            .first()
+            .map(|a| a.clone().with(libp2p::multiaddr::Protocol::P2p(self.inner.node_id)))
+    }
+
+    /// Cancelled when the node shuts down.
+    pub fn cancelled(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {
+        self.inner.cancel.cancelled()
+    }
+
+    /// Peers known to this node.
+    pub async fn peers(&self) -> Result<Vec<PeerInfo>, net::Error> {
+        self.inner.net.peers().await
+    }
+
+    /// Facts for `/v1/node`.
+    pub async fn info(&self) -> Result<NodeInfo, net::Error> {
+        let peers = self.peers().await?;
+        Ok(NodeInfo {
+            node_id: self.inner.node_id,
+            mesh: self.inner.config.mesh.clone(),
+            listen_addrs: self.inner.listen_addrs.clone(),
+            api: self.api_addr(),
+            peers_connected: peers.iter().filter(|p| p.connected).count(),
+            agents_local: 0,
+            uptime_secs: self.inner.started.elapsed().as_secs(),
+        })
+    }
+}
+
+/// Route network events to the services that own them.
+async fn dispatch(node: NodeHandle, mut events: mpsc::Receiver<net::Event>, cancel: CancellationToken) {
+    loop {
+        let ev = tokio::select! {
+            _ = cancel.cancelled() => break,
+            ev = events.recv() => match ev { Some(ev) => ev, None => break },
+        };
+        match ev {
+            net::Event::PeerConnected { peer } => tracing::debug!(%peer, "peer up"),
+            net::Event::PeerDisconnected { peer } => tracing::debug!(%peer, "peer down"),
+            net::Event::InboundRequest { peer, .. } => {
+                tracing::debug!(%peer, "request for an unknown protocol ignored");
+            }
+            net::Event::Gossip {
+                message_id,
+                propagation_source,
+                ..
+            } => {
+                let _ = node
+                    .net()
+                    .report_validation(message_id, propagation_source, net::MessageAcceptance::Ignore)
+                    .await;
+            }
+        }
+    }
+}
+
+/// First characters of a peer id, for log spans.
+pub fn short(peer: &PeerId) -> String {
+    let s = peer.to_string();
+    s[s.len().saturating_sub(8)..].to_string()
+}
+
+fn create_data_dir(dir: &Path) -> Result<(), StartError> {
+    let err = |source| StartError::DataDir {
+        path: dir.to_path_buf(),
+        source,
+    };
+    std::fs::create_dir_all(dir).map_err(err)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let meta = std::fs::metadata(dir).map_err(err)?;
+        if meta.permissions().mode() & 0o077 != 0 {
+            // Keys live here: keep it private, but do not fail on shared dirs we cannot chmod.
+            let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
+        }
+    }
+    Ok(())
+}
+
+fn load_or_create_token(config: &NodeConfig) -> Result<String, StartError> {
+    if let Some(t) = &config.api.token {
+        return Ok(t.clone());
+    }
+    let path = config.data_dir.join(TOKEN_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(t) if t.trim().len() >= 16 => Ok(t.trim().to_string()),
+        Ok(_) => Err(StartError::Identity(identity::Error::CorruptKey {
+            path,
+            reason: "API token shorter than 16 characters".into(),
+        })),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let token = bs58::encode(identity::random_seed()?).into_string();
+            identity::write_secret_file(&path, format!("{token}\n").as_bytes())?;
+            Ok(token)
+        }
+        Err(source) => Err(StartError::Identity(identity::Error::Io { path, source })),
+    }
+}
+
+async fn bind_api(config: &NodeConfig) -> Result<tokio::net::TcpListener, StartError> {
+    let addr = config.api.listen;
+    match tokio::net::TcpListener::bind(addr).await {
+        Ok(l) => Ok(l),
+        Err(e) if config.api.listen_is_default && e.kind() == std::io::ErrorKind::AddrInUse => {
+            let fallback = SocketAddr::new(addr.ip(), 0);
+            warn!(%addr, "default API port is taken; using an OS-chosen port (see {API_ADDR_FILE} in the data dir)");
+            tokio::net::TcpListener::bind(fallback)
+                .await
+                .map_err(|source| StartError::ApiBind { addr: fallback, source })
+        }
+        Err(source) => Err(StartError::ApiBind { addr, source }),
+    }
+}

@@ -1,0 +1,508 @@
+//! The node's redb database: opening with a schema check, and the group
+//! committer every write goes through.
+//!
+//! # Group commit
+//! All writes run on one dedicated thread. Callers hand it a closure; the
+//! thread drains every closure that is waiting, runs them in one write
+//! transaction, commits once (fsync when any of them asked for durability)
+//! and only then answers each caller. Throughput grows with load while every
+//! answer still means "on disk".
+//!
+//! A closure must do its checks before it writes: if it returns an error
+//! (or panics) the whole transaction is rolled back and every closure of the
+//! batch gets an error, so a half-applied write can never be committed.
+//! Domain outcomes ("handle taken") belong in the closure's `Ok` value.
+//!
+//! Tables live in the modules that own them (`store::tables`).
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use redb::{
+    Database, Durability, ReadTransaction, ReadableDatabase, ReadableTable, TableDefinition,
+    WriteTransaction,
+};
+use tokio::sync::{mpsc, oneshot};
+
+pub mod tables;
+
+/// File name of the database inside the data dir.
+pub const DB_FILE: &str = "agentmesh.redb";
+/// The schema this build reads and writes.
+pub const SCHEMA_VERSION: u32 = 1;
+/// Queue length of the group committer (backpressure beyond it).
+const WRITE_QUEUE: usize = 16 * 1024;
+/// Most closures in one transaction.
+const MAX_BATCH: usize = 8192;
+
+pub(crate) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+const META_SCHEMA: &str = "schema_version";
+const META_APP: &str = "application";
+const APP_TAG: &[u8] = b"agentmesh";
+
+/// Errors opening the database.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// Another process (or node in this process) has the database open.
+    #[error("database {0} is already in use by another agentmesh process")]
+    InUse(PathBuf),
+    /// The file is not a readable redb database.
+    #[error("database {path} is corrupt or not a redb file: {reason}; refusing to start (move it aside to start afresh)")]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// What redb reported.
+        reason: String,
+    },
+    /// The database was not written by agentmesh.
+    #[error("database {0} was not created by agentmesh (no agentmesh schema marker); refusing to start")]
+    Foreign(PathBuf),
+    /// The schema version is not one this build knows.
+    #[error("database {path} has schema version {found}, this build knows version {SCHEMA_VERSION}; refusing to start")]
+    UnknownSchema {
+        /// The file.
+        path: PathBuf,
+        /// Version found.
+        found: u32,
+    },
+    /// Any other storage failure.
+    #[error("cannot open database {path}: {source}")]
+    Storage {
+        /// The file.
+        path: PathBuf,
+        /// Cause.
+        source: redb::Error,
+    },
+}
+
+/// Errors of reads and writes.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Error {
+    /// redb reported a failure.
+    #[error("storage error: {0}")]
+    Storage(Arc<redb::Error>),
+    /// A stored value could not be decoded.
+    #[error("corrupt record in table {table}: {reason}")]
+    Corrupt {
+        /// Table name.
+        table: &'static str,
+        /// Decoder's complaint.
+        reason: String,
+    },
+    /// Another write in the same group commit failed, so this one was rolled back.
+    #[error("write rolled back because the transaction it shared failed: {0}")]
+    BatchAborted(String),
+    /// The writer thread is gone (node shutting down).
+    #[error("the database is closed")]
+    Closed,
+}
+
+macro_rules! from_redb {
+    ($($t:ty),*) => {$(
+        impl From<$t> for Error {
+            fn from(e: $t) -> Self { Error::Storage(Arc::new(e.into())) }
+        }
+    )*};
+}
+from_redb!(
+    redb::Error,
+    redb::StorageError,
+    redb::TableError,
+    redb::TransactionError,
+    redb::CommitError,
+    redb::SetDurabilityError
+);
+
+type Done = Box<dyn FnOnce(Result<(), Error>) + Send>;
+/// Runs a write against the transaction (or, given an error, only prepares
+/// to report it) and returns how to answer the caller once the commit is
+/// known, plus the write's own failure if it failed.
+type JobFn = Box<dyn FnOnce(Result<&WriteTransaction, Error>) -> (Done, Option<Error>) + Send>;
+
+struct Job {
+    durable: bool,
+    run: JobFn,
+}
+
+/// Counters of the group committer (for benchmarks and `/metrics`).
+#[derive(Debug, Default)]
+pub struct WriteStats {
+    /// Transactions committed.
+    pub commits: AtomicU64,
+    /// Closures applied.
+    pub writes: AtomicU64,
+}
+
+/// A cheap, cloneable handle to the database.
+#[derive(Clone)]
+pub struct Store {
+    db: Arc<Database>,
+    jobs: mpsc::Sender<Job>,
+    stats: Arc<WriteStats>,
+    path: Arc<PathBuf>,
+}
+
+/// Joins the writer thread; held by the node so shutdown can wait until the
+/// database file is closed.
+pub struct WriterThread(Option<std::thread::JoinHandle<()>>);
+
+impl WriterThread {
+    /// Wait for the writer to finish (every `Store` clone must be dropped first).
+    pub fn join(mut self) {
+        if let Some(h) = self.0.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("path", &self.path).finish()
+    }
+}
+
+impl Store {
+    /// Open (or create) `<data_dir>/agentmesh.redb`, checking the schema.
+    pub fn open(data_dir: &Path) -> Result<(Store, WriterThread), OpenError> {
+        let path = data_dir.join(DB_FILE);
+        let db = open_db(&path)?;
+        let db = Arc::new(db);
+        let (tx, rx) = mpsc::channel(WRITE_QUEUE);
+        let stats = Arc::new(WriteStats::default());
+        let thread_db = db.clone();
+        let thread_stats = stats.clone();
+        let handle = std::thread::Builder::new()
+            .name("agentmesh-store".into())
+            .spawn(move || writer_loop(thread_db, rx, thread_stats))
+            .map_err(|e| OpenError::Storage {
+                path: path.clone(),
+                source: redb::Error::Io(e),
+            })?;
+        Ok((
+            Store {
+                db,
+                jobs: tx,
+                stats,
+                path: Arc::new(path),
+            },
+            WriterThread(Some(handle)),
+        ))
+    }
+
+    /// Path of the database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// A read snapshot. Cheap; do not hold it across long awaits.
+    pub fn read(&self) -> Result<ReadTransaction, Error> {
+        Ok(self.db.begin_read()?)
+    }
+
+    /// Write durably: resolves once the transaction holding this write is
+    /// fsynced.
+    pub async fn write<R, F>(&self, f: F) -> Result<R, Error>
+    where
+        R: Send + 'static,
+        F: FnOnce(&WriteTransaction) -> Result<R, Error> + Send + 'static,
+    {
+        self.submit(true, f).await
+    }
+
+    /// Write without forcing an fsync: persisted by the next durable commit
+    /// (or lost in a crash before it). For caches that can be rebuilt.
+    pub async fn write_lazy<R, F>(&self, f: F) -> Result<R, Error>
+    where
+        R: Send + 'static,
+        F: FnOnce(&WriteTransaction) -> Result<R, Error> + Send + 'static,
+    {
+        self.submit(false, f).await
+    }
+
+    async fn submit<R, F>(&self, durable: bool, f: F) -> Result<R, Error>
+    where
+        R: Send + 'static,
+        F: FnOnce(&WriteTransaction) -> Result<R, Error> + Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel::<Result<R, Error>>();
+        let run: JobFn = Box::new(move |txn| match txn.and_then(f) {
+            Ok(value) => {
+                let done: Done = Box::new(move |commit: Result<(), Error>| {
+                    let _ = tx.send(commit.map(|()| value));
+                });
+                (done, None)
+            }
+            Err(e) => {
+                let reply = e.clone();
+                let done: Done = Box::new(move |_| {
+                    let _ = tx.send(Err(reply));
+                });
+                (done, Some(e))
+            }
+        });
+        self.jobs
+            .send(Job { durable, run })
+            .await
+            .map_err(|_| Error::Closed)?;
+        rx.await.map_err(|_| Error::Closed)?
+    }
+
+    /// Group-commit counters.
+    pub fn stats(&self) -> &WriteStats {
+        &self.stats
+    }
+}
+
+fn open_db(path: &Path) -> Result<Database, OpenError> {
+    let db = Database::create(path).map_err(|e| match e {
+        redb::DatabaseError::DatabaseAlreadyOpen => OpenError::InUse(path.to_path_buf()),
+        redb::DatabaseError::Storage(redb::StorageError::Corrupted(reason)) => OpenError::Corrupt {
+            path: path.to_path_buf(),
+            reason,
+        },
+        redb::DatabaseError::Storage(redb::StorageError::Io(io))
+            if io.kind() == std::io::ErrorKind::InvalidData =>
+        {
+            OpenError::Corrupt {
+                path: path.to_path_buf(),
+                reason: io.to_string(),
+            }
+        }
+        other => OpenError::Storage {
+            path: path.to_path_buf(),
+            source: other.into(),
+        },
+    })?;
+    check_schema(&db, path)?;
+    Ok(db)
+}
+
+fn check_schema(db: &Database, path: &Path) -> Result<(), OpenError> {
+    let storage = |e: redb::Error| OpenError::Storage {
+        path: path.to_path_buf(),
+        source: e,
+    };
+    let txn = db.begin_write().map_err(|e| storage(e.into()))?;
+    let existing: Vec<String> = txn
+        .list_tables()
+        .map_err(|e| storage(e.into()))?
+        .map(|t| redb::TableHandle::name(&t).to_string())
+        .collect();
+    {
+        let mut meta = txn.open_table(META).map_err(|e| storage(e.into()))?;
+        let app = meta.get(META_APP).map_err(|e| storage(e.into()))?.map(|v| v.value().to_vec());
+        let version = meta.get(META_SCHEMA).map_err(|e| storage(e.into()))?.map(|v| v.value().to_vec());
+        match (app, version) {
+            (None, None) if existing.is_empty() => {
+                meta.insert(META_APP, APP_TAG).map_err(|e| storage(e.into()))?;
+                meta.insert(META_SCHEMA, SCHEMA_VERSION.to_le_bytes().as_slice())
+                    .map_err(|e| storage(e.into()))?;
+            }
+            (Some(app), Some(v)) if app == APP_TAG => {
+                let found = <[u8; 4]>::try_from(v.as_slice())
+                    .map(u32::from_le_bytes)
+                    .map_err(|_| OpenError::Corrupt {
+                        path: path.to_path_buf(),
+                        reason: "schema version is not a u32".into(),
+                    })?;
+                if found != SCHEMA_VERSION {
+                    return Err(OpenError::UnknownSchema {
+                        path: path.to_path_buf(),
+                        found,
+                    });
+                }
+            }
+            _ => return Err(OpenError::Foreign(path.to_path_buf())),
+        }
+    }
+    tables::create_all(&txn).map_err(|e| storage(e.into()))?;
+    txn.commit().map_err(|e| storage(e.into()))?;
+    Ok(())
+}
+
+fn writer_loop(db: Arc<Database>, mut rx: mpsc::Receiver<Job>, stats: Arc<WriteStats>) {
+    let mut batch: Vec<Job> = Vec::with_capacity(256);
+    while let Some(first) = rx.blocking_recv() {
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        let n = batch.len() as u64;
+        run_batch(&db, &mut batch);
+        stats.commits.fetch_add(1, Ordering::Relaxed);
+        stats.writes.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+fn run_batch(db: &Database, batch: &mut Vec<Job>) {
+    let durable = batch.iter().any(|j| j.durable);
+    let level = if durable { Durability::Immediate } else { Durability::None };
+    let txn = match db.begin_write().map_err(Error::from).and_then(|mut t| {
+        t.set_durability(level)?;
+        Ok(t)
+    }) {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot begin write transaction");
+            for job in batch.drain(..) {
+                let (done, _) = (job.run)(Err(e.clone()));
+                done(Err(e.clone()));
+            }
+            return;
+        }
+    };
+    let mut dones: Vec<Done> = Vec::with_capacity(batch.len());
+    let mut failure: Option<Error> = None;
+    for job in batch.drain(..) {
+        if let Some(err) = &failure {
+            // Jobs after a failure never touch the transaction.
+            let (done, _) = (job.run)(Err(Error::BatchAborted(err.to_string())));
+            dones.push(done);
+            continue;
+        }
+        match catch_unwind(AssertUnwindSafe(|| (job.run)(Ok(&txn)))) {
+            Ok((done, None)) => dones.push(done),
+            Ok((done, Some(e))) => {
+                dones.push(done);
+                failure = Some(e);
+            }
+            // The panicking closure took its reply sender with it: its
+            // caller sees `Closed`.
+            Err(_) => failure = Some(Error::BatchAborted("a write panicked".into())),
+        }
+    }
+    let result = match failure {
+        Some(err) => {
+            tracing::error!(error = %err, "write failed; rolling back its group commit");
+            let _ = txn.abort();
+            Err(Error::BatchAborted(err.to_string()))
+        }
+        None => txn.commit().map_err(Error::from),
+    };
+    if let Err(e) = &result {
+        tracing::error!(error = %e, "group commit did not commit");
+    }
+    for done in dones {
+        done(result.clone());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use redb::ReadableTable;
+
+    const T: TableDefinition<u64, u64> = TableDefinition::new("test_t");
+
+    #[tokio::test]
+    async fn group_commit_applies_all_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, writer) = Store::open(dir.path()).unwrap();
+        let mut tasks = Vec::new();
+        for i in 0..500u64 {
+            let s = store.clone();
+            tasks.push(tokio::spawn(async move {
+                s.write(move |txn| {
+                    txn.open_table(T)?.insert(i, i * 2)?;
+                    Ok(i)
+                })
+                .await
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+        let commits = store.stats().commits.load(Ordering::Relaxed);
+        assert!(commits <= 500);
+        let r = store.read().unwrap();
+        let t = r.open_table(T).unwrap();
+        assert_eq!(t.len().unwrap(), 500);
+        assert_eq!(t.get(7).unwrap().unwrap().value(), 14);
+        drop((t, r, store));
+        writer.join();
+    }
+
+    #[tokio::test]
+    async fn failed_write_rolls_back_its_batch_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _w) = Store::open(dir.path()).unwrap();
+        let r = store
+            .write(|txn| {
+                txn.open_table(T)?.insert(1, 1)?;
+                Err::<(), _>(Error::Corrupt {
+                    table: "test_t",
+                    reason: "injected".into(),
+                })
+            })
+            .await;
+        assert!(r.is_err());
+        store
+            .write(|txn| {
+                txn.open_table(T)?.insert(2, 2)?;
+                Ok(())
+            })
+            .await
+            .unwrap();
+        let r = store.read().unwrap();
+        let t = r.open_table(T).unwrap();
+        assert!(t.get(1).unwrap().is_none(), "rolled-back write must not be visible");
+        assert!(t.get(2).unwrap().is_some());
+    }
+
+    #[test]
+    fn reopen_keeps_schema_and_rejects_garbage() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (s, w) = Store::open(dir.path()).unwrap();
+            drop(s);
+            w.join();
+        }
+        let (s, w) = Store::open(dir.path()).unwrap();
+        drop(s);
+        w.join();
+
+        let bad = tempfile::tempdir().unwrap();
+        std::fs::write(bad.path().join(DB_FILE), vec![0x5a; 10_000]).unwrap();
+        let err = Store::open(bad.path()).err().expect("garbage must not open");
+        assert!(matches!(err, OpenError::Corrupt { .. } | OpenError::Storage { .. }), "{err}");
+    }
+
+    #[test]
+    fn foreign_database_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = Database::create(dir.path().join(DB_FILE)).unwrap();
+            let w = db.begin_write().unwrap();
+            w.open_table(T).unwrap().insert(1, 1).unwrap();
+            w.commit().unwrap();
+        }
+        let err = Store::open(dir.path()).err().expect("foreign db must not open");
+        assert!(matches!(err, OpenError::Foreign(_)), "{err}");
+    }
+
+    #[test]
+    fn newer_schema_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (s, w) = Store::open(dir.path()).unwrap();
+            drop(s);
+            w.join();
+        }
+        {
+            let db = Database::create(dir.path().join(DB_FILE)).unwrap();
+            let w = db.begin_write().unwrap();
+            w.open_table(META)
+                .unwrap()
+                .insert(META_SCHEMA, 99u32.to_le_bytes().as_slice())
+                .unwrap();
+            w.commit().unwrap();
+        }
+        let err = Store::open(dir.path()).err().expect("newer schema must not open");
+        assert!(matches!(err, OpenError::UnknownSchema { found: 99, .. }), "{err}");
+    }
+}
