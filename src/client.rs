@@ -72,12 +72,19 @@ impl Client {
 
     /// Client for the node whose data dir is `dir`: the address and token
     /// are read from the files the node writes there, unless given.
-    pub fn for_data_dir(dir: &Path, addr: Option<SocketAddr>, token: Option<String>) -> Result<Self, Error> {
+    pub fn for_data_dir(
+        dir: &Path,
+        addr: Option<SocketAddr>,
+        token: Option<String>,
+    ) -> Result<Self, Error> {
         let addr = match addr {
             Some(a) => a,
             None => match std::fs::read_to_string(dir.join(API_ADDR_FILE)) {
                 Ok(s) => s.trim().parse().map_err(|e| {
-                    Error::Setup(format!("{}: bad address: {e}", dir.join(API_ADDR_FILE).display()))
+                    Error::Setup(format!(
+                        "{}: bad address: {e}",
+                        dir.join(API_ADDR_FILE).display()
+                    ))
                 })?,
                 Err(_) => crate::config::DEFAULT_API_ADDR
                     .parse()
@@ -104,7 +111,12 @@ impl Client {
     }
 
     /// Send a request; `Ok(None)` for 204, the JSON body otherwise.
-    pub async fn call(&self, method: Method, path: &str, body: Option<&impl Serialize>) -> Result<Option<Value>, Error> {
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&impl Serialize>,
+    ) -> Result<Option<Value>, Error> {
         let mut req = self
             .http
             .request(method, format!("{}{}", self.base, path))
@@ -122,27 +134,46 @@ impl Client {
             return Ok(None);
         }
         let bytes = resp.bytes().await.map_err(transport)?;
-        let value: Value = serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+        let value: Value = serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
         if status.is_success() {
             return Ok(Some(value));
         }
-        let code = value["error"]["code"].as_str().unwrap_or("unknown").to_string();
-        let message = value["error"]["message"].as_str().map(str::to_string).unwrap_or_else(|| value.to_string());
-        Err(Error::Api { status, code, message })
+        let code = value["error"]["code"]
+            .as_str()
+            .unwrap_or("unknown")
+            .to_string();
+        let message = value["error"]["message"]
+            .as_str()
+            .map(str::to_string)
+            .unwrap_or_else(|| value.to_string());
+        Err(Error::Api {
+            status,
+            code,
+            message,
+        })
     }
 
     /// GET a JSON document.
     pub async fn get(&self, path: &str) -> Result<Value, Error> {
-        Ok(self.call(Method::GET, path, None::<&Value>).await?.unwrap_or(Value::Null))
+        Ok(self
+            .call(Method::GET, path, None::<&Value>)
+            .await?
+            .unwrap_or(Value::Null))
     }
 
     /// POST a JSON body.
     pub async fn post(&self, path: &str, body: &impl Serialize) -> Result<Value, Error> {
-        Ok(self.call(Method::POST, path, Some(body)).await?.unwrap_or(Value::Null))
+        Ok(self
+            .call(Method::POST, path, Some(body))
+            .await?
+            .unwrap_or(Value::Null))
     }
 
     /// DELETE.
     pub async fn delete(&self, path: &str) -> Result<(), Error> {
-        self.call(Method::DELETE, path, None::<&Value>).await.map(|_| ())
+        self.call(Method::DELETE, path, None::<&Value>)
+            .await
+            .map(|_| ())
     }
 }

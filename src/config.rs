@@ -243,17 +243,25 @@ impl NodeConfig {
     pub fn validate(&self) -> Result<(), Error> {
         validate_mesh_name(&self.mesh)?;
         if self.network.listen.is_empty() {
-            return Err(Error::Invalid("network.listen must name at least one address".into()));
+            return Err(Error::Invalid(
+                "network.listen must name at least one address".into(),
+            ));
         }
         if self.api.token.as_deref().is_some_and(|t| t.len() < 16) {
-            return Err(Error::Invalid("api.token must be at least 16 characters".into()));
+            return Err(Error::Invalid(
+                "api.token must be at least 16 characters".into(),
+            ));
         }
         if self.api.max_body_bytes < 1024 {
-            return Err(Error::Invalid("api.max_body_bytes must be at least 1024".into()));
+            return Err(Error::Invalid(
+                "api.max_body_bytes must be at least 1024".into(),
+            ));
         }
         let d = &self.discovery;
         if d.ad_ttl < Duration::from_secs(1) {
-            return Err(Error::Invalid("discovery.ad_ttl_secs must be at least 1".into()));
+            return Err(Error::Invalid(
+                "discovery.ad_ttl_secs must be at least 1".into(),
+            ));
         }
         if d.refresh_interval.is_zero() || d.refresh_interval >= d.ad_ttl {
             return Err(Error::Invalid(
@@ -261,17 +269,25 @@ impl NodeConfig {
             ));
         }
         if d.anti_entropy_interval.is_zero() {
-            return Err(Error::Invalid("discovery.anti_entropy_secs must be positive".into()));
+            return Err(Error::Invalid(
+                "discovery.anti_entropy_secs must be positive".into(),
+            ));
         }
         let del = &self.delivery;
         if del.lease.is_zero() {
-            return Err(Error::Invalid("delivery.lease_secs must be positive".into()));
+            return Err(Error::Invalid(
+                "delivery.lease_secs must be positive".into(),
+            ));
         }
         if del.max_deliveries == 0 {
-            return Err(Error::Invalid("delivery.max_deliveries must be at least 1".into()));
+            return Err(Error::Invalid(
+                "delivery.max_deliveries must be at least 1".into(),
+            ));
         }
         if del.default_ttl.is_zero() {
-            return Err(Error::Invalid("delivery.default_ttl_secs must be positive".into()));
+            return Err(Error::Invalid(
+                "delivery.default_ttl_secs must be positive".into(),
+            ));
         }
         if del.max_body_bytes == 0 || del.max_body_bytes > crate::wire::MAX_BODY_BYTES {
             return Err(Error::Invalid(format!(
@@ -313,7 +329,9 @@ pub fn default_data_dir() -> Result<PathBuf, Error> {
     if let Some(d) = std::env::var_os("AGENTMESH_DATA").filter(|d| !d.is_empty()) {
         return Ok(PathBuf::from(d));
     }
-    let home = std::env::var_os("HOME").filter(|h| !h.is_empty()).ok_or(Error::NoDataDir)?;
+    let home = std::env::var_os("HOME")
+        .filter(|h| !h.is_empty())
+        .ok_or(Error::NoDataDir)?;
     Ok(PathBuf::from(home).join(".agentmesh"))
 }
 
@@ -322,8 +340,12 @@ impl Default for NetworkConfig {
         let p = DEFAULT_P2P_PORT;
         NetworkConfig {
             listen: vec![
-                format!("/ip4/0.0.0.0/tcp/{p}").parse().expect("static multiaddr"),
-                format!("/ip4/0.0.0.0/udp/{p}/quic-v1").parse().expect("static multiaddr"),
+                format!("/ip4/0.0.0.0/tcp/{p}")
+                    .parse()
+                    .expect("static multiaddr"),
+                format!("/ip4/0.0.0.0/udp/{p}/quic-v1")
+                    .parse()
+                    .expect("static multiaddr"),
             ],
             listen_is_default: true,
             bootstrap: Vec::new(),
@@ -541,8 +563,14 @@ mod tests {
             "[network]\nbootstrap = [\"not-an-addr\"]\n",
         )
         .unwrap();
-        let err = NodeConfig::with_data_dir("/x").apply_file(file).unwrap_err().to_string();
-        assert!(err.contains("network.bootstrap") && err.contains("not-an-addr"), "{err}");
+        let err = NodeConfig::with_data_dir("/x")
+            .apply_file(file)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("network.bootstrap") && err.contains("not-an-addr"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -556,6 +584,37 @@ mod tests {
     fn refresh_must_be_below_ttl() {
         let mut cfg = NodeConfig::with_data_dir("/x");
         cfg.discovery.refresh_interval = cfg.discovery.ad_ttl;
-        assert!(cfg.validate().unwrap_err().to_string().contains("refresh_secs"));
+        assert!(
+            cfg.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("refresh_secs")
+        );
+    }
+}
+
+#[cfg(test)]
+mod example_files {
+    use super::*;
+
+    /// The shipped examples must stay valid.
+    #[test]
+    fn node_config_examples_parse_and_validate() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("node-config");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().and_then(|e| e.to_str()) != Some("toml") {
+                continue;
+            }
+            let file = FileConfig::load(&path).unwrap();
+            let mut cfg = NodeConfig::with_data_dir("/tmp/x");
+            cfg.apply_file(file)
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            cfg.validate()
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            seen += 1;
+        }
+        assert!(seen >= 3);
     }
 }

@@ -41,7 +41,9 @@ pub enum Error {
         reason: String,
     },
     /// An id string is malformed.
-    #[error("invalid agent id {0:?}: expected agt_ followed by the base58 of a 32-byte ed25519 key")]
+    #[error(
+        "invalid agent id {0:?}: expected agt_ followed by the base58 of a 32-byte ed25519 key"
+    )]
     BadAgentId(String),
     /// A signature does not verify.
     #[error("signature does not verify")]
@@ -84,7 +86,9 @@ pub struct NodeKey {
 
 impl fmt::Debug for NodeKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("NodeKey").field("peer_id", &self.peer_id()).finish()
+        f.debug_struct("NodeKey")
+            .field("peer_id", &self.peer_id())
+            .finish()
     }
 }
 
@@ -112,7 +116,10 @@ impl NodeKey {
             Ok(text) => Ok(Self::from_seed(parse_hex_seed(&path, &text)?)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let key = Self::generate()?;
-                write_secret_file(&path, format!("{}\n", hex(&key.signing.to_bytes())).as_bytes())?;
+                write_secret_file(
+                    &path,
+                    format!("{}\n", hex(&key.signing.to_bytes())).as_bytes(),
+                )?;
                 Ok(key)
             }
             Err(source) => Err(Error::Io { path, source }),
@@ -155,7 +162,10 @@ pub struct AgentId(String);
 impl AgentId {
     /// The id of a public key.
     pub fn from_public(public: &[u8; 32]) -> Self {
-        AgentId(format!("{AGENT_PREFIX}{}", bs58::encode(public).into_string()))
+        AgentId(format!(
+            "{AGENT_PREFIX}{}",
+            bs58::encode(public).into_string()
+        ))
     }
 
     /// The public key this id names.
@@ -270,7 +280,10 @@ mod tests {
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            let mode = std::fs::metadata(dir.path().join(NODE_KEY_FILE)).unwrap().permissions().mode();
+            let mode = std::fs::metadata(dir.path().join(NODE_KEY_FILE))
+                .unwrap()
+                .permissions()
+                .mode();
             assert_eq!(mode & 0o777, 0o600);
         }
     }
@@ -296,7 +309,14 @@ mod tests {
 
     #[test]
     fn bad_agent_ids_rejected() {
-        for s in ["", "agt_", "agt_0OIl", "abc", "agt_3mJr7AoUXx2Wqd", "agent_xyz"] {
+        for s in [
+            "",
+            "agt_",
+            "agt_0OIl",
+            "abc",
+            "agt_3mJr7AoUXx2Wqd",
+            "agent_xyz",
+        ] {
             assert!(s.parse::<AgentId>().is_err(), "{s}");
         }
     }

@@ -14,7 +14,11 @@ use libp2p::Multiaddr;
 use serde_json::Value;
 
 #[derive(Parser, Debug)]
-#[command(name = "agentmesh", version, about = "A peer-to-peer mesh for AI agents: discovery, routing and durable delivery with no central broker")]
+#[command(
+    name = "agentmesh",
+    version,
+    about = "A peer-to-peer mesh for AI agents: discovery, routing and durable delivery with no central broker"
+)]
 struct Cli {
     /// Log output format.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
@@ -93,14 +97,18 @@ struct ClientArgs {
 }
 
 fn parse_multiaddr(s: &str) -> Result<Multiaddr, String> {
-    s.parse::<Multiaddr>()
-        .map_err(|e| format!("{s:?} is not a multiaddr ({e}); expected e.g. /ip4/127.0.0.1/tcp/7710"))
+    s.parse::<Multiaddr>().map_err(|e| {
+        format!("{s:?} is not a multiaddr ({e}); expected e.g. /ip4/127.0.0.1/tcp/7710")
+    })
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -121,9 +129,14 @@ fn main() -> ExitCode {
 }
 
 fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,libp2p_swarm=warn,libp2p_mdns=warn,libp2p_kad=error"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(
+            "info,libp2p_swarm=warn,libp2p_mdns=warn,libp2p_kad=error",
+        )
+    });
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -133,7 +146,11 @@ fn init_logging(format: LogFormat) {
 async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Node(args) => run_node(args).await,
-        Command::Init { data_dir, mesh, force } => init(data_dir, &mesh, force),
+        Command::Init {
+            data_dir,
+            mesh,
+            force,
+        } => init(data_dir, &mesh, force),
         Command::Info(c) => {
             let v = client(&c)?.get("/v1/node").await?;
             print_value(&v, c.json, |v| {
@@ -145,7 +162,10 @@ async fn run(cli: Cli) -> Result<()> {
                     v["peers_connected"],
                     v["agents_local"],
                     v["uptime_secs"],
-                    v["listen_addrs"].as_array().map(|a| a.iter().map(s).collect::<Vec<_>>().join(" ")).unwrap_or_default()
+                    v["listen_addrs"]
+                        .as_array()
+                        .map(|a| a.iter().map(s).collect::<Vec<_>>().join(" "))
+                        .unwrap_or_default()
                 )
             });
             Ok(())
@@ -158,8 +178,15 @@ async fn run(cli: Cli) -> Result<()> {
                     out.push_str(&format!(
                         "{}  {}  {}\n",
                         s(&p["node_id"]),
-                        if p["connected"].as_bool() == Some(true) { "connected" } else { "known" },
-                        p["addrs"].as_array().map(|a| a.iter().map(s).collect::<Vec<_>>().join(" ")).unwrap_or_default()
+                        if p["connected"].as_bool() == Some(true) {
+                            "connected"
+                        } else {
+                            "known"
+                        },
+                        p["addrs"]
+                            .as_array()
+                            .map(|a| a.iter().map(s).collect::<Vec<_>>().join(" "))
+                            .unwrap_or_default()
                     ));
                 }
                 out.trim_end().to_string()
@@ -170,7 +197,9 @@ async fn run(cli: Cli) -> Result<()> {
 }
 
 fn s(v: &Value) -> String {
-    v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string())
+    v.as_str()
+        .map(str::to_string)
+        .unwrap_or_else(|| v.to_string())
 }
 
 fn print_value(v: &Value, json: bool, human: impl Fn(&Value) -> String) {
@@ -248,8 +277,14 @@ async fn run_node(args: NodeArgs) -> Result<()> {
         "agentmesh node {} (mesh {:?})\n  p2p: {}\n  api: http://{} (token in {})",
         h.node_id(),
         h.config().mesh,
-        h.listen_addrs().iter().map(|a| a.to_string()).collect::<Vec<_>>().join(" "),
-        h.api_addr().map(|a| a.to_string()).unwrap_or_else(|| "disabled".into()),
+        h.listen_addrs()
+            .iter()
+            .map(|a| a.to_string())
+            .collect::<Vec<_>>()
+            .join(" "),
+        h.api_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_else(|| "disabled".into()),
         data_dir.join(agentmesh::node::TOKEN_FILE).display()
     );
     drop(h);
@@ -289,7 +324,10 @@ fn init(data_dir: Option<PathBuf>, mesh: &str, force: bool) -> Result<()> {
     let cfg_path = dir.join(config::CONFIG_FILE_NAME);
     write_config(&cfg_path, mesh, force)?;
     println!("node id:     {}", key.peer_id());
-    println!("node key:    {}", dir.join(identity::NODE_KEY_FILE).display());
+    println!(
+        "node key:    {}",
+        dir.join(identity::NODE_KEY_FILE).display()
+    );
     println!("config file: {}", cfg_path.display());
     println!("start with:  agentmesh node --data-dir {}", dir.display());
     Ok(())
@@ -297,7 +335,10 @@ fn init(data_dir: Option<PathBuf>, mesh: &str, force: bool) -> Result<()> {
 
 fn write_config(path: &Path, mesh: &str, force: bool) -> Result<()> {
     if path.exists() && !force {
-        bail!("{} already exists (use --force to overwrite)", path.display());
+        bail!(
+            "{} already exists (use --force to overwrite)",
+            path.display()
+        );
     }
     std::fs::write(path, config::commented_template(mesh))
         .with_context(|| format!("cannot write {}", path.display()))?;

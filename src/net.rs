@@ -86,6 +86,15 @@ pub struct PeerInfo {
     pub rtt: Option<Duration>,
 }
 
+/// Counters of the network task.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NetStats {
+    /// Peers of another mesh that were identified and turned away.
+    pub foreign_rejected: u64,
+    /// Inbound events dropped because the node was not keeping up.
+    pub events_shed: u64,
+}
+
 /// Inbound traffic and peer changes, for the node to route to its owners.
 #[derive(Debug)]
 pub enum Event {
@@ -138,6 +147,11 @@ pub enum Command {
     Peers {
         /// Reply.
         reply: oneshot::Sender<Vec<PeerInfo>>,
+    },
+    /// Counters.
+    Stats {
+        /// Reply.
+        reply: oneshot::Sender<NetStats>,
     },
     /// Addresses we listen on.
     ListenAddrs {
@@ -268,6 +282,11 @@ impl NetHandle {
         self.call(|reply| Command::Peers { reply }).await
     }
 
+    /// Counters of the network task.
+    pub async fn stats(&self) -> Result<NetStats, Error> {
+        self.call(|reply| Command::Stats { reply }).await
+    }
+
     /// Addresses this node listens on.
     pub async fn listen_addrs(&self) -> Result<Vec<Multiaddr>, Error> {
         self.call(|reply| Command::ListenAddrs { reply }).await
@@ -280,22 +299,29 @@ impl NetHandle {
 
     /// Send a request frame to a peer (dialling it if needed) and await the response.
     pub async fn request(&self, peer: PeerId, data: Vec<u8>) -> Result<Vec<u8>, Error> {
-        self.call(|reply| Command::Request { peer, data, reply }).await?
+        self.call(|reply| Command::Request { peer, data, reply })
+            .await?
     }
 
     /// Answer an inbound request.
-    pub async fn respond(&self, channel: ResponseChannel<Vec<u8>>, data: Vec<u8>) -> Result<(), Error> {
+    pub async fn respond(
+        &self,
+        channel: ResponseChannel<Vec<u8>>,
+        data: Vec<u8>,
+    ) -> Result<(), Error> {
         self.send(Command::Respond { channel, data }).await
     }
 
     /// Subscribe to a topic.
     pub async fn subscribe(&self, topic: String) -> Result<(), Error> {
-        self.call(|reply| Command::Subscribe { topic, reply }).await?
+        self.call(|reply| Command::Subscribe { topic, reply })
+            .await?
     }
 
     /// Publish to a topic.
     pub async fn publish(&self, topic: String, data: Vec<u8>) -> Result<(), Error> {
-        self.call(|reply| Command::Publish { topic, data, reply }).await?
+        self.call(|reply| Command::Publish { topic, data, reply })
+            .await?
     }
 
     /// Report the validation verdict of a gossip message.
@@ -325,7 +351,8 @@ impl NetHandle {
 
     /// Providers of `key` found in the DHT.
     pub async fn get_providers(&self, key: Vec<u8>) -> Result<HashSet<PeerId>, Error> {
-        self.call(|reply| Command::GetProviders { key, reply }).await?
+        self.call(|reply| Command::GetProviders { key, reply })
+            .await?
     }
 
     /// Block a peer (simulated partitions, misbehaving peers).

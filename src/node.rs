@@ -100,7 +100,9 @@ pub struct NodeHandle {
 
 impl std::fmt::Debug for NodeHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("NodeHandle").field("node_id", &self.inner.node_id).finish()
+        f.debug_struct("NodeHandle")
+            .field("node_id", &self.inner.node_id)
+            .finish()
     }
 }
 
@@ -124,9 +126,15 @@ impl Node {
 
         let (net, commands) = NetHandle::channel(node_id);
         let (events_tx, events_rx) = mpsc::channel(net::EVENT_QUEUE);
-        let event_loop = EventLoop::start(key.keypair(), &config.mesh, &config.network, commands, events_tx)
-            .instrument(span.clone())
-            .await?;
+        let event_loop = EventLoop::start(
+            key.keypair(),
+            &config.mesh,
+            &config.network,
+            commands,
+            events_tx,
+        )
+        .instrument(span.clone())
+        .await?;
         let listen_addrs = event_loop.listen_addrs().to_vec();
         let cancel = CancellationToken::new();
         let mut tasks = vec![tokio::spawn(event_loop.run().instrument(span.clone()))];
@@ -152,12 +160,17 @@ impl Node {
 
         if handle.inner.config.api.enabled {
             let listener = bind_api(&handle.inner.config).await?;
-            let addr = listener.local_addr().map_err(|source| StartError::ApiBind {
-                addr: handle.inner.config.api.listen,
-                source,
-            })?;
+            let addr = listener
+                .local_addr()
+                .map_err(|source| StartError::ApiBind {
+                    addr: handle.inner.config.api.listen,
+                    source,
+                })?;
             let _ = handle.inner.api_addr.set(addr);
-            if let Err(e) = std::fs::write(handle.inner.config.data_dir.join(API_ADDR_FILE), format!("{addr}\n")) {
+            if let Err(e) = std::fs::write(
+                handle.inner.config.data_dir.join(API_ADDR_FILE),
+                format!("{addr}\n"),
+            ) {
                 warn!(error = %e, "cannot record the API address in the data dir");
             }
             let app = crate::api::router(handle.clone());
@@ -165,7 +178,8 @@ impl Node {
             tasks.push(tokio::spawn(
                 async move {
                     info!(%addr, "API listening");
-                    let serve = axum::serve(listener, app).with_graceful_shutdown(async move { shutdown.cancelled().await });
+                    let serve = axum::serve(listener, app)
+                        .with_graceful_shutdown(async move { shutdown.cancelled().await });
                     if let Err(e) = serve.await {
                         warn!(error = %e, "API server stopped with an error");
                     }
@@ -183,7 +197,9 @@ impl Node {
 
     /// The façade.
     pub fn handle(&self) -> NodeHandle {
-        self.handle.clone().expect("the handle is only taken by shutdown, which consumes the node")
+        self.handle
+            .clone()
+            .expect("the handle is only taken by shutdown, which consumes the node")
     }
 
     fn cancel(&self) {
@@ -234,7 +250,9 @@ impl Node {
             (true, Some(w)) => {
                 let _ = tokio::task::spawn_blocking(move || w.join()).await;
             }
-            _ => warn!("NodeHandle clones are still alive; the database closes when the last one drops"),
+            _ => warn!(
+                "NodeHandle clones are still alive; the database closes when the last one drops"
+            ),
         }
     }
 }
@@ -290,10 +308,10 @@ impl NodeHandle {
 
     /// A dialable address of this node (first listen address + `/p2p/<id>`).
     pub fn dial_addr(&self) -> Option<Multiaddr> {
-        self.inner
-            .listen_addrs
-            .first()
-            .map(|a| a.clone().with(libp2p::multiaddr::Protocol::P2p(self.inner.node_id)))
+        self.inner.listen_addrs.first().map(|a| {
+            a.clone()
+                .with(libp2p::multiaddr::Protocol::P2p(self.inner.node_id))
+        })
     }
 
     /// Cancelled when the node shuts down.
@@ -322,7 +340,11 @@ impl NodeHandle {
 }
 
 /// Route network events to the services that own them.
-async fn dispatch(node: NodeHandle, mut events: mpsc::Receiver<net::Event>, cancel: CancellationToken) {
+async fn dispatch(
+    node: NodeHandle,
+    mut events: mpsc::Receiver<net::Event>,
+    cancel: CancellationToken,
+) {
     loop {
         let ev = tokio::select! {
             _ = cancel.cancelled() => break,
@@ -341,7 +363,11 @@ async fn dispatch(node: NodeHandle, mut events: mpsc::Receiver<net::Event>, canc
             } => {
                 let _ = node
                     .net()
-                    .report_validation(message_id, propagation_source, net::MessageAcceptance::Ignore)
+                    .report_validation(
+                        message_id,
+                        propagation_source,
+                        net::MessageAcceptance::Ignore,
+                    )
                     .await;
             }
         }
@@ -401,7 +427,10 @@ async fn bind_api(config: &NodeConfig) -> Result<tokio::net::TcpListener, StartE
             warn!(%addr, "default API port is taken; using an OS-chosen port (see {API_ADDR_FILE} in the data dir)");
             tokio::net::TcpListener::bind(fallback)
                 .await
-                .map_err(|source| StartError::ApiBind { addr: fallback, source })
+                .map_err(|source| StartError::ApiBind {
+                    addr: fallback,
+                    source,
+                })
         }
         Err(source) => Err(StartError::ApiBind { addr, source }),
     }

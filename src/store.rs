@@ -49,7 +49,9 @@ pub enum OpenError {
     #[error("database {0} is already in use by another agentmesh process")]
     InUse(PathBuf),
     /// The file is not a readable redb database.
-    #[error("database {path} is corrupt or not a redb file: {reason}; refusing to start (move it aside to start afresh)")]
+    #[error(
+        "database {path} is corrupt or not a redb file: {reason}; refusing to start (move it aside to start afresh)"
+    )]
     Corrupt {
         /// The file.
         path: PathBuf,
@@ -57,10 +59,14 @@ pub enum OpenError {
         reason: String,
     },
     /// The database was not written by agentmesh.
-    #[error("database {0} was not created by agentmesh (no agentmesh schema marker); refusing to start")]
+    #[error(
+        "database {0} was not created by agentmesh (no agentmesh schema marker); refusing to start"
+    )]
     Foreign(PathBuf),
     /// The schema version is not one this build knows.
-    #[error("database {path} has schema version {found}, this build knows version {SCHEMA_VERSION}; refusing to start")]
+    #[error(
+        "database {path} has schema version {found}, this build knows version {SCHEMA_VERSION}; refusing to start"
+    )]
     UnknownSchema {
         /// The file.
         path: PathBuf,
@@ -292,11 +298,18 @@ fn check_schema(db: &Database, path: &Path) -> Result<(), OpenError> {
         .collect();
     {
         let mut meta = txn.open_table(META).map_err(|e| storage(e.into()))?;
-        let app = meta.get(META_APP).map_err(|e| storage(e.into()))?.map(|v| v.value().to_vec());
-        let version = meta.get(META_SCHEMA).map_err(|e| storage(e.into()))?.map(|v| v.value().to_vec());
+        let app = meta
+            .get(META_APP)
+            .map_err(|e| storage(e.into()))?
+            .map(|v| v.value().to_vec());
+        let version = meta
+            .get(META_SCHEMA)
+            .map_err(|e| storage(e.into()))?
+            .map(|v| v.value().to_vec());
         match (app, version) {
             (None, None) if existing.is_empty() => {
-                meta.insert(META_APP, APP_TAG).map_err(|e| storage(e.into()))?;
+                meta.insert(META_APP, APP_TAG)
+                    .map_err(|e| storage(e.into()))?;
                 meta.insert(META_SCHEMA, SCHEMA_VERSION.to_le_bytes().as_slice())
                     .map_err(|e| storage(e.into()))?;
             }
@@ -341,7 +354,11 @@ fn writer_loop(db: Arc<Database>, mut rx: mpsc::Receiver<Job>, stats: Arc<WriteS
 
 fn run_batch(db: &Database, batch: &mut Vec<Job>) {
     let durable = batch.iter().any(|j| j.durable);
-    let level = if durable { Durability::Immediate } else { Durability::None };
+    let level = if durable {
+        Durability::Immediate
+    } else {
+        Durability::None
+    };
     let txn = match db.begin_write().map_err(Error::from).and_then(|mut t| {
         t.set_durability(level)?;
         Ok(t)
@@ -395,7 +412,7 @@ fn run_batch(db: &Database, batch: &mut Vec<Job>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use redb::ReadableTable;
+    use redb::ReadableTableMetadata;
 
     const T: TableDefinition<u64, u64> = TableDefinition::new("test_t");
 
@@ -450,7 +467,10 @@ mod tests {
             .unwrap();
         let r = store.read().unwrap();
         let t = r.open_table(T).unwrap();
-        assert!(t.get(1).unwrap().is_none(), "rolled-back write must not be visible");
+        assert!(
+            t.get(1).unwrap().is_none(),
+            "rolled-back write must not be visible"
+        );
         assert!(t.get(2).unwrap().is_some());
     }
 
@@ -468,8 +488,13 @@ mod tests {
 
         let bad = tempfile::tempdir().unwrap();
         std::fs::write(bad.path().join(DB_FILE), vec![0x5a; 10_000]).unwrap();
-        let err = Store::open(bad.path()).err().expect("garbage must not open");
-        assert!(matches!(err, OpenError::Corrupt { .. } | OpenError::Storage { .. }), "{err}");
+        let err = Store::open(bad.path())
+            .err()
+            .expect("garbage must not open");
+        assert!(
+            matches!(err, OpenError::Corrupt { .. } | OpenError::Storage { .. }),
+            "{err}"
+        );
     }
 
     #[test]
@@ -481,7 +506,9 @@ mod tests {
             w.open_table(T).unwrap().insert(1, 1).unwrap();
             w.commit().unwrap();
         }
-        let err = Store::open(dir.path()).err().expect("foreign db must not open");
+        let err = Store::open(dir.path())
+            .err()
+            .expect("foreign db must not open");
         assert!(matches!(err, OpenError::Foreign(_)), "{err}");
     }
 
@@ -502,7 +529,12 @@ mod tests {
                 .unwrap();
             w.commit().unwrap();
         }
-        let err = Store::open(dir.path()).err().expect("newer schema must not open");
-        assert!(matches!(err, OpenError::UnknownSchema { found: 99, .. }), "{err}");
+        let err = Store::open(dir.path())
+            .err()
+            .expect("newer schema must not open");
+        assert!(
+            matches!(err, OpenError::UnknownSchema { found: 99, .. }),
+            "{err}"
+        );
     }
 }

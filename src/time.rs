@@ -19,7 +19,9 @@ pub fn rfc3339(ms: u64) -> String {
 /// Parse RFC 3339 into milliseconds since the epoch.
 pub fn parse_rfc3339(s: &str) -> Option<u64> {
     let t = humantime::parse_rfc3339_weak(s).ok()?;
-    t.duration_since(UNIX_EPOCH).ok().map(|d| d.as_millis() as u64)
+    t.duration_since(UNIX_EPOCH)
+        .ok()
+        .map(|d| d.as_millis() as u64)
 }
 
 #[cfg(test)]

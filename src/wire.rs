@@ -60,8 +60,8 @@ pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     // Encoding into a Vec only fails for types serde cannot represent in
     // bincode (maps with non-string keys are fine; `deserialize_any` types
     // are not used on the wire), which is a programming error caught by tests.
-    let body = bincode::serde::encode_to_vec(value, config())
-        .expect("wire types are bincode-encodable");
+    let body =
+        bincode::serde::encode_to_vec(value, config()).expect("wire types are bincode-encodable");
     out.extend_from_slice(&body);
     out
 }
@@ -128,11 +128,23 @@ mod tests {
             c: vec![],
         };
         let mut bytes = encode(&s);
-        assert!(matches!(decode::<Sample>(&bytes, 3), Err(Error::TooLarge { .. })));
-        assert!(matches!(decode::<Sample>(&bytes[..1], 100), Err(Error::Truncated)));
-        assert!(matches!(decode::<Sample>(&bytes[..4], 100), Err(Error::Malformed(_))));
+        assert!(matches!(
+            decode::<Sample>(&bytes, 3),
+            Err(Error::TooLarge { .. })
+        ));
+        assert!(matches!(
+            decode::<Sample>(&bytes[..1], 100),
+            Err(Error::Truncated)
+        ));
+        assert!(matches!(
+            decode::<Sample>(&bytes[..4], 100),
+            Err(Error::Malformed(_))
+        ));
         bytes.push(0);
-        assert!(matches!(decode::<Sample>(&bytes, 100), Err(Error::Trailing(1))));
+        assert!(matches!(
+            decode::<Sample>(&bytes, 100),
+            Err(Error::Trailing(1))
+        ));
         bytes[0] = 9;
         assert!(matches!(
             decode::<Sample>(&bytes, 100),

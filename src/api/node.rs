@@ -57,7 +57,9 @@ pub async fn peers(State(node): State<NodeHandle>) -> Result<Json<Vec<PeerView>>
                 node_id: p.peer_id.to_string(),
                 addrs: p.addrs.iter().map(|a| a.to_string()).collect(),
                 connected: p.connected,
-                rtt_ms: p.rtt.map(|d| (d.as_secs_f64() * 1000.0 * 100.0).round() / 100.0),
+                rtt_ms: p
+                    .rtt
+                    .map(|d| (d.as_secs_f64() * 1000.0 * 100.0).round() / 100.0),
             })
             .collect(),
     ))
@@ -66,13 +68,31 @@ pub async fn peers(State(node): State<NodeHandle>) -> Result<Json<Vec<PeerView>>
 pub async fn metrics(State(node): State<NodeHandle>) -> Result<impl IntoResponse, ApiError> {
     let i = node.info().await?;
     let stats = node.store().stats();
+    let net = node.net().stats().await?;
     let mut out = String::new();
     let mut gauge = |name: &str, help: &str, kind: &str, v: u64| {
-        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n"));
+        out.push_str(&format!(
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n"
+        ));
     };
-    gauge("agentmesh_peers_connected", "Identified peers connected now.", "gauge", i.peers_connected as u64);
-    gauge("agentmesh_agents_local", "Agents registered on this node.", "gauge", i.agents_local as u64);
-    gauge("agentmesh_uptime_seconds", "Seconds since the node started.", "gauge", i.uptime_secs);
+    gauge(
+        "agentmesh_peers_connected",
+        "Identified peers connected now.",
+        "gauge",
+        i.peers_connected as u64,
+    );
+    gauge(
+        "agentmesh_agents_local",
+        "Agents registered on this node.",
+        "gauge",
+        i.agents_local as u64,
+    );
+    gauge(
+        "agentmesh_uptime_seconds",
+        "Seconds since the node started.",
+        "gauge",
+        i.uptime_secs,
+    );
     gauge(
         "agentmesh_store_commits_total",
         "Write transactions committed.",
@@ -85,5 +105,23 @@ pub async fn metrics(State(node): State<NodeHandle>) -> Result<impl IntoResponse
         "counter",
         stats.writes.load(std::sync::atomic::Ordering::Relaxed),
     );
-    Ok(([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], out))
+    gauge(
+        "agentmesh_foreign_peers_rejected_total",
+        "Peers of another mesh identified and turned away.",
+        "counter",
+        net.foreign_rejected,
+    );
+    gauge(
+        "agentmesh_net_events_shed_total",
+        "Inbound network events dropped because the node was not keeping up.",
+        "counter",
+        net.events_shed,
+    );
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        out,
+    ))
 }

@@ -86,7 +86,8 @@ pub fn build(
         .set_provider_record_ttl(Some(PROVIDER_TTL))
         .set_provider_publication_interval(Some(PROVIDER_REPUBLISH))
         .set_periodic_bootstrap_interval(Some(Duration::from_secs(120)));
-    let mut kad = kad::Behaviour::with_config(peer_id, kad::store::MemoryStore::new(peer_id), kad_cfg);
+    let mut kad =
+        kad::Behaviour::with_config(peer_id, kad::store::MemoryStore::new(peer_id), kad_cfg);
     // Every node serves the DHT: on loopback and private networks addresses
     // are never "confirmed external", which would leave kad in client mode.
     kad.set_mode(Some(kad::Mode::Server));
@@ -103,16 +104,25 @@ pub fn build(
             gossipsub::MessageId::from(h.finalize()[..20].to_vec())
         })
         .build()?;
-    let gossipsub = gossipsub::Behaviour::new(gossipsub::MessageAuthenticity::Signed(key.clone()), gossip_cfg)?;
+    let gossipsub = gossipsub::Behaviour::new(
+        gossipsub::MessageAuthenticity::Signed(key.clone()),
+        gossip_cfg,
+    )?;
 
     let mdns = if mdns_on {
-        Some(mdns::tokio::Behaviour::new(mdns::Config::default(), peer_id)?)
+        Some(mdns::tokio::Behaviour::new(
+            mdns::Config::default(),
+            peer_id,
+        )?)
     } else {
         None
     };
 
     let rpc = request_response::Behaviour::new(
-        [(protocols.rpc.clone(), request_response::ProtocolSupport::Full)],
+        [(
+            protocols.rpc.clone(),
+            request_response::ProtocolSupport::Full,
+        )],
         request_response::Config::default()
             .with_request_timeout(REQUEST_TIMEOUT)
             .with_max_concurrent_streams(512),

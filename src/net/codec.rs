@@ -32,7 +32,10 @@ async fn write_frame<T: AsyncWrite + Unpin + Send>(io: &mut T, data: &[u8]) -> i
     if data.len() > MAX_FRAME_BYTES {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
-            format!("frame of {} bytes exceeds limit of {MAX_FRAME_BYTES}", data.len()),
+            format!(
+                "frame of {} bytes exceeds limit of {MAX_FRAME_BYTES}",
+                data.len()
+            ),
         ));
     }
     io.write_all(&(data.len() as u32).to_be_bytes()).await?;
@@ -59,14 +62,24 @@ impl libp2p::request_response::Codec for FrameCodec {
         read_frame(io).await
     }
 
-    async fn write_request<T>(&mut self, _: &StreamProtocol, io: &mut T, req: Vec<u8>) -> io::Result<()>
+    async fn write_request<T>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        req: Vec<u8>,
+    ) -> io::Result<()>
     where
         T: AsyncWrite + Unpin + Send,
     {
         write_frame(io, &req).await
     }
 
-    async fn write_response<T>(&mut self, _: &StreamProtocol, io: &mut T, res: Vec<u8>) -> io::Result<()>
+    async fn write_response<T>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        res: Vec<u8>,
+    ) -> io::Result<()>
     where
         T: AsyncWrite + Unpin + Send,
     {
@@ -81,13 +94,19 @@ mod tests {
     #[tokio::test]
     async fn frames_roundtrip_and_limit() {
         let mut buf = Vec::new();
-        write_frame(&mut futures::io::Cursor::new(&mut buf), b"hello").await.unwrap();
-        let got = read_frame(&mut futures::io::Cursor::new(&buf)).await.unwrap();
+        write_frame(&mut futures::io::Cursor::new(&mut buf), b"hello")
+            .await
+            .unwrap();
+        let got = read_frame(&mut futures::io::Cursor::new(&buf))
+            .await
+            .unwrap();
         assert_eq!(got, b"hello");
 
         let mut huge = (u32::MAX).to_be_bytes().to_vec();
         huge.extend_from_slice(b"x");
-        let err = read_frame(&mut futures::io::Cursor::new(&huge)).await.unwrap_err();
+        let err = read_frame(&mut futures::io::Cursor::new(&huge))
+            .await
+            .unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::InvalidData);
     }
 }

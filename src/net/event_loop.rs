@@ -22,7 +22,7 @@ use tracing::{debug, info, warn};
 
 use super::behaviour::{Behaviour, BehaviourEvent, Protocols};
 use super::peers::{Bootstrap, Identified, PeerTable, p2p_of, strip_p2p};
-use super::{Command, Error, Event};
+use super::{Command, Error, Event, NetStats};
 use crate::config::NetworkConfig;
 
 /// Events held for the node before the oldest droppable ones are shed.
@@ -52,6 +52,7 @@ pub enum StartError {
 type Reply<T> = oneshot::Sender<Result<T, Error>>;
 
 /// What one turn of the loop got.
+#[allow(clippy::large_enum_variant)] // one lives at a time, on the stack
 enum Step {
     Command(Option<Command>),
     Delivered,
@@ -73,6 +74,7 @@ pub struct EventLoop {
     requests: HashMap<OutboundRequestId, (PeerId, Reply<Vec<u8>>)>,
     providers: HashMap<kad::QueryId, (HashSet<PeerId>, Reply<HashSet<PeerId>>)>,
     listen_addrs: Vec<Multiaddr>,
+    stats: NetStats,
     rng: u64,
 }
 
@@ -102,6 +104,7 @@ impl EventLoop {
             requests: HashMap::new(),
             providers: HashMap::new(),
             listen_addrs: Vec::new(),
+            stats: NetStats::default(),
             rng: seed_rng(),
         };
         let mut listeners = HashSet::new();
@@ -111,10 +114,12 @@ impl EventLoop {
                 Err(e) if net.listen_is_default => {
                     let fallback = with_port_zero(addr);
                     warn!(%addr, error = %e, %fallback, "default port unavailable; using an OS-chosen port");
-                    lp.swarm.listen_on(fallback.clone()).map_err(|e| StartError::Listen {
-                        addr: fallback,
-                        reason: e.to_string(),
-                    })?
+                    lp.swarm
+                        .listen_on(fallback.clone())
+                        .map_err(|e| StartError::Listen {
+                            addr: fallback,
+                            reason: e.to_string(),
+                        })?
                 }
                 Err(e) => {
                     return Err(StartError::Listen {
@@ -134,9 +139,15 @@ impl EventLoop {
                 SwarmEvent::NewListenAddr { listener_id, .. } => {
                     listeners.remove(listener_id);
                 }
-                SwarmEvent::ListenerClosed { listener_id, reason, .. } => {
+                SwarmEvent::ListenerClosed {
+                    listener_id,
+                    reason,
+                    ..
+                } => {
                     return Err(StartError::Listen {
-                        addr: format!("/listener/{listener_id:?}").parse().unwrap_or(Multiaddr::empty()),
+                        addr: format!("/listener/{listener_id:?}")
+                            .parse()
+                            .unwrap_or(Multiaddr::empty()),
                         reason: format!("{reason:?}"),
                     });
                 }
@@ -204,6 +215,7 @@ impl EventLoop {
 
     fn emit(&mut self, ev: Event) {
         if self.out.len() >= MAX_PENDING_EVENTS {
+            self.stats.events_shed += 1;
             match ev {
                 Event::InboundRequest { peer, .. } => {
                     // Dropping the channel fails the peer's request; it retries.
@@ -216,11 +228,14 @@ impl EventLoop {
                     ..
                 } => {
                     warn!("node is not keeping up; ignoring a gossip message");
-                    self.swarm.behaviour_mut().gossipsub.report_message_validation_result(
-                        &message_id,
-                        &propagation_source,
-                        gossipsub::MessageAcceptance::Ignore,
-                    );
+                    self.swarm
+                        .behaviour_mut()
+                        .gossipsub
+                        .report_message_validation_result(
+                            &message_id,
+                            &propagation_source,
+                            gossipsub::MessageAcceptance::Ignore,
+                        );
                     return;
                 }
                 _ => {}
@@ -233,6 +248,14 @@ impl EventLoop {
         let now = Instant::now();
         for (idx, addr) in self.bootstrap.due(now) {
             let peer = p2p_of(&addr);
+            if let Some(p) = peer
+                && self.peers.is_foreign(&p, now)
+            {
+                // A bootstrap peer of another mesh: back off without dialling.
+                let j = self.jitter();
+                self.bootstrap.dial_failed(idx, now, j);
+                continue;
+            }
             let opts = match peer {
                 Some(p) => DialOpts::peer_id(p)
                     .addresses(vec![strip_p2p(addr.clone())])
@@ -264,7 +287,9 @@ impl EventLoop {
         match cmd {
             Command::Dial { addr, reply } => {
                 let opts = match p2p_of(&addr) {
-                    Some(p) => DialOpts::peer_id(p).addresses(vec![strip_p2p(addr.clone())]).build(),
+                    Some(p) => DialOpts::peer_id(p)
+                        .addresses(vec![strip_p2p(addr.clone())])
+                        .build(),
                     None => DialOpts::unknown_peer_id().address(addr.clone()).build(),
                 };
                 let id = opts.connection_id();
@@ -284,10 +309,16 @@ impl EventLoop {
                 let mut routing = Vec::new();
                 for bucket in self.swarm.behaviour_mut().kad.kbuckets() {
                     for entry in bucket.iter() {
-                        routing.push((*entry.node.key.preimage(), entry.node.value.iter().cloned().collect()));
+                        routing.push((
+                            *entry.node.key.preimage(),
+                            entry.node.value.iter().cloned().collect(),
+                        ));
                     }
                 }
                 let _ = reply.send(self.peers.snapshot(routing));
+            }
+            Command::Stats { reply } => {
+                let _ = reply.send(self.stats.clone());
             }
             Command::ListenAddrs { reply } => {
                 let _ = reply.send(self.listen_addrs.clone());
@@ -311,7 +342,13 @@ impl EventLoop {
                 self.requests.insert(id, (peer, reply));
             }
             Command::Respond { channel, data } => {
-                if self.swarm.behaviour_mut().rpc.send_response(channel, data).is_err() {
+                if self
+                    .swarm
+                    .behaviour_mut()
+                    .rpc
+                    .send_response(channel, data)
+                    .is_err()
+                {
                     debug!("response not sent: the requester's connection closed");
                 }
             }
@@ -350,22 +387,33 @@ impl EventLoop {
                 propagation_source,
                 acceptance,
             } => {
-                self.swarm.behaviour_mut().gossipsub.report_message_validation_result(
-                    &message_id,
-                    &propagation_source,
-                    acceptance,
-                );
+                self.swarm
+                    .behaviour_mut()
+                    .gossipsub
+                    .report_message_validation_result(&message_id, &propagation_source, acceptance);
             }
             Command::StartProviding { key } => {
-                if let Err(e) = self.swarm.behaviour_mut().kad.start_providing(kad::RecordKey::new(&key)) {
+                if let Err(e) = self
+                    .swarm
+                    .behaviour_mut()
+                    .kad
+                    .start_providing(kad::RecordKey::new(&key))
+                {
                     warn!(error = %e, "cannot store provider record");
                 }
             }
             Command::StopProviding { key } => {
-                self.swarm.behaviour_mut().kad.stop_providing(&kad::RecordKey::new(&key));
+                self.swarm
+                    .behaviour_mut()
+                    .kad
+                    .stop_providing(&kad::RecordKey::new(&key));
             }
             Command::GetProviders { key, reply } => {
-                let id = self.swarm.behaviour_mut().kad.get_providers(kad::RecordKey::new(&key));
+                let id = self
+                    .swarm
+                    .behaviour_mut()
+                    .kad
+                    .get_providers(kad::RecordKey::new(&key));
                 self.providers.insert(id, (HashSet::new(), reply));
             }
             Command::Block { peer } => {
@@ -453,11 +501,13 @@ impl EventLoop {
                 self.on_identified(peer_id, info)
             }
             BehaviourEvent::Ping(ping::Event {
-                peer, result: Ok(rtt), ..
+                peer,
+                result: Ok(rtt),
+                ..
             }) => self.peers.set_rtt(&peer, rtt),
-            BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed { id, result, step, .. }) => {
-                self.on_kad_progress(id, result, step.last)
-            }
+            BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
+                id, result, step, ..
+            }) => self.on_kad_progress(id, result, step.last),
             BehaviourEvent::Gossipsub(gossipsub::Event::Message {
                 propagation_source,
                 message_id,
@@ -493,8 +543,12 @@ impl EventLoop {
     fn on_identified(&mut self, peer: PeerId, info: identify::Info) {
         let same_mesh = info.protocol_version == self.protocols.identify_version;
         let addrs: Vec<Multiaddr> = info.listen_addrs.into_iter().filter(dialable).collect();
-        match self.peers.identified(peer, same_mesh, &addrs, Instant::now()) {
+        match self
+            .peers
+            .identified(peer, same_mesh, &addrs, Instant::now())
+        {
             Identified::Foreign => {
+                self.stats.foreign_rejected += 1;
                 warn!(%peer, theirs = %info.protocol_version, ours = %self.protocols.identify_version,
                     "peer belongs to another mesh; disconnecting and ignoring it");
                 self.swarm.behaviour_mut().kad.remove_peer(&peer);
@@ -545,14 +599,19 @@ impl EventLoop {
     fn on_rpc(&mut self, ev: request_response::Event<Vec<u8>, Vec<u8>>) {
         match ev {
             request_response::Event::Message { peer, message, .. } => match message {
-                request_response::Message::Request { request, channel, .. } => {
+                request_response::Message::Request {
+                    request, channel, ..
+                } => {
                     self.emit(Event::InboundRequest {
                         peer,
                         data: request,
                         channel,
                     });
                 }
-                request_response::Message::Response { request_id, response } => {
+                request_response::Message::Response {
+                    request_id,
+                    response,
+                } => {
                     if let Some((_, reply)) = self.requests.remove(&request_id) {
                         let _ = reply.send(Ok(response));
                     }

@@ -65,7 +65,13 @@ impl PeerTable {
     }
 
     /// Identify told us the peer's mesh and addresses.
-    pub fn identified(&mut self, peer: PeerId, same_mesh: bool, addrs: &[Multiaddr], now: Instant) -> Identified {
+    pub fn identified(
+        &mut self,
+        peer: PeerId,
+        same_mesh: bool,
+        addrs: &[Multiaddr],
+        now: Instant,
+    ) -> Identified {
         if !same_mesh {
             self.peers.remove(&peer);
             self.foreign.insert(peer, now + FOREIGN_QUARANTINE);
@@ -108,11 +114,12 @@ impl PeerTable {
         }
     }
 
-
-
     /// Snapshot for `/v1/peers`: our identified peers plus DHT routing
     /// entries (`routing`), sorted by peer id.
-    pub fn snapshot(&self, routing: impl IntoIterator<Item = (PeerId, Vec<Multiaddr>)>) -> Vec<PeerInfo> {
+    pub fn snapshot(
+        &self,
+        routing: impl IntoIterator<Item = (PeerId, Vec<Multiaddr>)>,
+    ) -> Vec<PeerInfo> {
         let mut out: HashMap<PeerId, PeerInfo> = HashMap::new();
         for (peer, e) in &self.peers {
             if !e.identified && e.connections == 0 {
@@ -143,6 +150,7 @@ impl PeerTable {
                 rtt: None,
             });
             for a in addrs {
+                let a = strip_p2p(a);
                 if !info.addrs.contains(&a) {
                     info.addrs.push(a);
                 }
@@ -152,7 +160,6 @@ impl PeerTable {
         v.sort_by_key(|p| p.peer_id.to_string());
         v
     }
-
 }
 
 fn remember(list: &mut Vec<Multiaddr>, addr: Multiaddr) {
@@ -259,7 +266,6 @@ impl Bootstrap {
             }
         }
     }
-
 
     /// Peer ids named in bootstrap addresses, with the address to use.
     pub fn named_peers(&self) -> Vec<(PeerId, Multiaddr)> {

@@ -42,19 +42,19 @@ pub fn build_swarm(
         TransportKind::Memory => {
             let noise = noise::Config::new(key).map_err(|e| err(&e))?;
             SwarmBuilder::with_existing_identity(key.clone())
-            .with_tokio()
-            .with_other_transport(move |_| {
-                MemoryTransport::default()
-                    .upgrade(upgrade::Version::V1)
-                    .authenticate(noise)
-                    .multiplex(yamux::Config::default())
-                    .boxed()
-            })
-            .map_err(|e| err(&e))?
-            .with_behaviour(make)
-            .map_err(|e| err(&e))?
-            .with_swarm_config(|c| c.with_idle_connection_timeout(idle))
-            .build()
+                .with_tokio()
+                .with_other_transport(move |_| {
+                    MemoryTransport::default()
+                        .upgrade(upgrade::Version::V1)
+                        .authenticate(noise)
+                        .multiplex(yamux::Config::default())
+                        .boxed()
+                })
+                .map_err(|e| err(&e))?
+                .with_behaviour(make)
+                .map_err(|e| err(&e))?
+                .with_swarm_config(|c| c.with_idle_connection_timeout(idle))
+                .build()
         }
     };
     Ok(swarm)
