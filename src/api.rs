@@ -9,10 +9,11 @@ use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::Response;
-use axum::routing::get;
+use axum::routing::{get, post};
 
 use crate::node::NodeHandle;
 
+mod agents;
 mod error;
 mod extract;
 mod node;
@@ -26,6 +27,12 @@ pub fn router(node: NodeHandle) -> Router {
     let v1 = Router::new()
         .route("/node", get(node::info))
         .route("/peers", get(node::peers))
+        .route("/agents", post(agents::register).get(agents::list))
+        .route(
+            "/agents/{id}",
+            get(agents::get_one).delete(agents::withdraw),
+        )
+        .route("/resolve", post(agents::resolve))
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(node.clone(), require_token));
     let metrics = if node.config().api.metrics_need_token {

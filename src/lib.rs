@@ -17,9 +17,11 @@
 pub mod api;
 pub mod client;
 pub mod config;
+pub mod discovery;
 pub mod identity;
 pub mod net;
 pub mod node;
+pub mod routing;
 pub mod store;
 pub mod time;
 pub mod wire;

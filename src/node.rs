@@ -16,9 +16,12 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, info_span, warn};
 
 use crate::config::{self, NodeConfig};
+use crate::discovery::{self, Discovery};
 use crate::identity::{self, NodeKey};
 use crate::net::{self, EventLoop, NetHandle, PeerInfo};
+use crate::routing::Router;
 use crate::store::{self, Store, WriterThread};
+use crate::wire;
 
 /// File holding the generated API token.
 pub const TOKEN_FILE: &str = "api-token";
@@ -50,6 +53,9 @@ pub enum StartError {
     /// The network could not start.
     #[error(transparent)]
     Net(#[from] net::StartError),
+    /// Discovery could not start (its stored state is unreadable).
+    #[error("discovery: {0}")]
+    Discovery(#[from] discovery::Error),
     /// The API address could not be bound.
     #[error("cannot bind the API on {addr}: {source}")]
     ApiBind {
@@ -85,6 +91,8 @@ struct Inner {
     config: NodeConfig,
     net: NetHandle,
     store: Store,
+    discovery: Discovery,
+    router: Router,
     started: Instant,
     listen_addrs: Vec<Multiaddr>,
     api_addr: OnceLock<SocketAddr>,
@@ -139,6 +147,24 @@ impl Node {
         let cancel = CancellationToken::new();
         let mut tasks = vec![tokio::spawn(event_loop.run().instrument(span.clone()))];
 
+        let discovery = Discovery::start(
+            key.clone(),
+            &config.mesh,
+            &listen_addrs,
+            net.clone(),
+            store.clone(),
+            config.discovery.clone(),
+        )
+        .instrument(span.clone())
+        .await?;
+        tasks.push(tokio::spawn(
+            discovery
+                .clone()
+                .run(cancel.clone())
+                .instrument(span.clone()),
+        ));
+        let router = Router::new(discovery.clone());
+
         let handle = NodeHandle {
             inner: Arc::new(Inner {
                 node_id,
@@ -146,6 +172,8 @@ impl Node {
                 config,
                 net,
                 store,
+                discovery,
+                router,
                 started: Instant::now(),
                 listen_addrs,
                 api_addr: OnceLock::new(),
@@ -210,8 +238,10 @@ impl Node {
 
     /// Graceful stop: stop serving, let tasks finish, close the database.
     pub async fn shutdown(mut self) {
-        self.cancel();
         let node_id = self.handle().node_id();
+        // Tell the mesh our agents are offline (not gone) before leaving.
+        self.handle().inner.discovery.announce_offline().await;
+        self.cancel();
         self.handle().inner.net.shutdown().await;
         let tasks = std::mem::take(&mut self.tasks);
         for mut t in tasks {
@@ -291,6 +321,16 @@ impl NodeHandle {
         &self.inner.store
     }
 
+    /// Discovery: local agents and the mesh-wide registry.
+    pub fn discovery(&self) -> &Discovery {
+        &self.inner.discovery
+    }
+
+    /// Address resolution.
+    pub fn router(&self) -> &Router {
+        &self.inner.router
+    }
+
     /// The API bearer token.
     pub fn api_token(&self) -> &str {
         &self.inner.token
@@ -333,7 +373,7 @@ impl NodeHandle {
             listen_addrs: self.inner.listen_addrs.clone(),
             api: self.api_addr(),
             peers_connected: peers.iter().filter(|p| p.connected).count(),
-            agents_local: 0,
+            agents_local: self.inner.discovery.local_count(),
             uptime_secs: self.inner.started.elapsed().as_secs(),
         })
     }
@@ -345,30 +385,70 @@ async fn dispatch(
     mut events: mpsc::Receiver<net::Event>,
     cancel: CancellationToken,
 ) {
+    let ads_topic = discovery::ads_topic(&node.inner.config.mesh);
     loop {
         let ev = tokio::select! {
             _ = cancel.cancelled() => break,
             ev = events.recv() => match ev { Some(ev) => ev, None => break },
         };
         match ev {
-            net::Event::PeerConnected { peer } => tracing::debug!(%peer, "peer up"),
-            net::Event::PeerDisconnected { peer } => tracing::debug!(%peer, "peer down"),
-            net::Event::InboundRequest { peer, .. } => {
-                tracing::debug!(%peer, "request for an unknown protocol ignored");
+            net::Event::PeerConnected { peer } => node.inner.discovery.on_peer_connected(peer),
+            net::Event::PeerDisconnected { peer } => {
+                node.inner.discovery.on_peer_disconnected(peer)
+            }
+            net::Event::InboundRequest {
+                peer,
+                data,
+                channel,
+            } => {
+                let node = node.clone();
+                tokio::spawn(
+                    async move {
+                        let resp = node.answer(peer, &data).await;
+                        let _ = node.inner.net.respond(channel, wire::encode(&resp)).await;
+                    }
+                    .in_current_span(),
+                );
             }
             net::Event::Gossip {
+                topic,
                 message_id,
                 propagation_source,
+                data,
                 ..
             } => {
-                let _ = node
-                    .net()
-                    .report_validation(
-                        message_id,
-                        propagation_source,
-                        net::MessageAcceptance::Ignore,
-                    )
-                    .await;
+                if topic == ads_topic {
+                    let d = node.inner.discovery.clone();
+                    tokio::spawn(
+                        async move { d.on_gossip(data, message_id, propagation_source).await }
+                            .in_current_span(),
+                    );
+                } else {
+                    let _ = node
+                        .inner
+                        .net
+                        .report_validation(
+                            message_id,
+                            propagation_source,
+                            net::MessageAcceptance::Ignore,
+                        )
+                        .await;
+                }
+            }
+        }
+    }
+}
+
+impl NodeHandle {
+    /// Decode a peer's request and let its owner answer it.
+    async fn answer(&self, peer: PeerId, data: &[u8]) -> wire::Response {
+        match wire::decode::<wire::Request>(data, wire::MAX_FRAME_BYTES) {
+            Ok(req) => self.inner.discovery.handle_request(peer, req).await,
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "undecodable request");
+                wire::Response::Error {
+                    message: format!("cannot decode request: {e}"),
+                }
             }
         }
     }

@@ -11,6 +11,12 @@
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+pub mod ad;
+pub mod rpc;
+
+pub use ad::{AdBody, AdState, Capability, SignedAd};
+pub use rpc::{Request, Response};
+
 /// The wire version this build speaks.
 pub const WIRE_VERSION: u16 = 1;
 /// Largest frame accepted from a peer (request or response).

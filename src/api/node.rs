@@ -117,6 +117,38 @@ pub async fn metrics(State(node): State<NodeHandle>) -> Result<impl IntoResponse
         "counter",
         net.events_shed,
     );
+    let d = node.discovery().stats();
+    let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+    gauge(
+        "agentmesh_ads_rejected_total",
+        "Advertisements that failed verification and were dropped.",
+        "counter",
+        load(&d.ads_rejected),
+    );
+    gauge(
+        "agentmesh_ads_applied_total",
+        "Advertisements applied (new or newer).",
+        "counter",
+        load(&d.ads_applied),
+    );
+    gauge(
+        "agentmesh_sync_rounds_total",
+        "Anti-entropy rounds run with peers.",
+        "counter",
+        load(&d.sync_rounds),
+    );
+    gauge(
+        "agentmesh_dht_lookups_total",
+        "DHT fallback lookups.",
+        "counter",
+        load(&d.dht_lookups),
+    );
+    gauge(
+        "agentmesh_registry_agents",
+        "Agents in this node's registry (tombstones included).",
+        "gauge",
+        node.discovery().with_registry(|r| r.len()) as u64,
+    );
     Ok((
         [(
             axum::http::header::CONTENT_TYPE,

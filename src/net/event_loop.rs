@@ -27,6 +27,8 @@ use crate::config::NetworkConfig;
 
 /// Events held for the node before the oldest droppable ones are shed.
 const MAX_PENDING_EVENTS: usize = 16 * 1024;
+/// How long shutdown keeps the swarm running to flush queued messages.
+const SHUTDOWN_DRAIN: Duration = Duration::from_millis(300);
 /// How long start-up waits for the listeners to report addresses.
 const LISTEN_WAIT: Duration = Duration::from_secs(10);
 
@@ -195,7 +197,11 @@ impl EventLoop {
                 _ = boot_sleep, if next_boot.is_some() => Step::Bootstrap,
             };
             match step {
-                Step::Command(None | Some(Command::Shutdown)) => break,
+                Step::Command(None) => break,
+                Step::Command(Some(Command::Shutdown)) => {
+                    self.drain().await;
+                    break;
+                }
                 Step::Command(Some(cmd)) => self.handle_command(cmd),
                 Step::Delivered => {}
                 Step::Swarm(ev) => self.handle_swarm_event(ev),
@@ -203,6 +209,18 @@ impl EventLoop {
             }
         }
         debug!("network event loop stopped");
+    }
+
+    /// Keep the swarm running briefly so messages queued just before
+    /// shutdown (offline announcements) reach the wire.
+    async fn drain(&mut self) {
+        let _ = tokio::time::timeout(SHUTDOWN_DRAIN, async {
+            loop {
+                let ev = self.swarm.select_next_some().await;
+                self.handle_swarm_event(ev);
+            }
+        })
+        .await;
     }
 
     fn jitter(&mut self) -> f64 {

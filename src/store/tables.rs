@@ -4,11 +4,15 @@
 
 use redb::{TableDefinition, WriteTransaction};
 
+/// Agents registered on this node, by agent id (`discovery::local`).
+pub(crate) const LOCAL_AGENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("local_agents");
+/// Every known agent's latest verified ad, by agent id (`discovery`).
+pub(crate) const REGISTRY: TableDefinition<&str, &[u8]> = TableDefinition::new("registry");
+
 /// Opens (and so creates) every table.
 pub(crate) fn create_all(txn: &WriteTransaction) -> Result<(), redb::TableError> {
-    let _ = txn.open_table(super::META)?;
+    txn.open_table(super::META)?;
+    txn.open_table(LOCAL_AGENTS)?;
+    txn.open_table(REGISTRY)?;
     Ok(())
 }
-
-#[allow(dead_code)]
-const _UNUSED: Option<TableDefinition<&str, &[u8]>> = None;

@@ -1,0 +1,723 @@
+//! Discovery: local agents, their signed advertisements, and the registry
+//! of every agent in the mesh, with no registry server.
+//!
+//! Ads spread three ways, because gossip alone leaves late joiners blind:
+//! gossipsub for new, changed and withdrawn ads (the fast path); Kademlia
+//! provider records per handle, agent id, capability, prefix and tag (the
+//! fallback for lookups that miss the local view); and anti-entropy between
+//! connected peers (digest exchange, then pull and push of the difference)
+//! on connect and periodically. The registry is persisted so a restarted
+//! node answers at once, then catches up.
+//!
+//! # Layout
+//! - `ad`: building, signing, verifying ads; field limits.
+//! - `registry`: the in-memory view (pure data).
+//! - `matching`: capability patterns, tag/version filters, free-text ranking.
+//! - `local`: local agents and their keys, persisted.
+//! - `dht`: provider keys.
+//! - `sync`: anti-entropy and the requests peers send us.
+//! - `service`: the background task (refresh, expiry, periodic sync).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use libp2p::{Multiaddr, PeerId};
+use redb::ReadableTable;
+use tracing::{debug, warn};
+
+use crate::config::DiscoveryConfig;
+use crate::identity::{self, AgentId, NodeKey};
+use crate::net::{self, MessageAcceptance, MessageId, NetHandle};
+use crate::store::{self, Store, tables::REGISTRY};
+use crate::time::now_ms;
+use crate::wire::{self, AdBody, AdState, Capability, SignedAd};
+
+pub mod ad;
+pub mod dht;
+pub mod local;
+pub mod matching;
+pub mod registry;
+mod service;
+mod sync;
+
+pub use ad::AdError;
+pub use local::LocalAgent;
+pub use matching::{Filter, NamePattern};
+pub use registry::{Applied, Entry, Registry};
+
+/// How long a DHT fallback lookup may take.
+const DHT_LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
+/// Providers asked in one DHT fallback lookup.
+const DHT_MAX_PROVIDERS: usize = 8;
+
+/// Discovery errors.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The registration or query is invalid.
+    #[error(transparent)]
+    Invalid(#[from] AdError),
+    /// The agent is not registered on this node.
+    #[error("agent {0} is not registered on this node")]
+    NotLocal(AgentId),
+    /// Storage failed.
+    #[error(transparent)]
+    Store(#[from] store::Error),
+    /// The node is shutting down.
+    #[error("the node is shutting down")]
+    Stopped,
+}
+
+/// What an agent registers.
+#[derive(Debug, Clone, Default)]
+pub struct Registration {
+    /// Handle, unique on this node.
+    pub handle: String,
+    /// What the agent is.
+    pub description: String,
+    /// What it offers.
+    pub capabilities: Vec<Capability>,
+    /// Opaque metadata as JSON text.
+    pub metadata_json: String,
+}
+
+/// Result of a registration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Registered {
+    /// The agent's id.
+    pub agent_id: AgentId,
+    /// True for a new agent, false when an existing handle was updated.
+    pub created: bool,
+}
+
+/// A query over the registry.
+#[derive(Debug, Clone, Default)]
+pub struct Query {
+    /// Capability name, tags and version requirement.
+    pub filter: Filter,
+    /// Exact handle.
+    pub handle: Option<String>,
+    /// Free text, ranked by relevance.
+    pub text: Option<String>,
+    /// Most results.
+    pub limit: Option<usize>,
+}
+
+impl Query {
+    fn names_something(&self) -> bool {
+        self.handle.is_some() || self.filter.name.is_some() || !self.filter.tags.is_empty()
+    }
+}
+
+/// Counters for `/metrics` and tests.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Ads that failed verification and were dropped.
+    pub ads_rejected: AtomicU64,
+    /// Ads applied (new or newer).
+    pub ads_applied: AtomicU64,
+    /// Anti-entropy rounds run with peers.
+    pub sync_rounds: AtomicU64,
+    /// DHT fallback lookups.
+    pub dht_lookups: AtomicU64,
+}
+
+struct Inner {
+    node_key: NodeKey,
+    node_id: PeerId,
+    mesh: String,
+    topic: String,
+    addrs: Vec<String>,
+    net: NetHandle,
+    store: Store,
+    cfg: DiscoveryConfig,
+    registry: RwLock<Registry>,
+    local: RwLock<HashMap<AgentId, LocalAgent>>,
+    connected: RwLock<HashSet<PeerId>>,
+    register_lock: tokio::sync::Mutex<()>,
+    stats: Stats,
+}
+
+/// Cheap, cloneable handle to discovery.
+#[derive(Clone)]
+pub struct Discovery {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Discovery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Discovery")
+            .field("node_id", &self.inner.node_id)
+            .finish()
+    }
+}
+
+/// Gossip topic of a mesh's ads.
+pub fn ads_topic(mesh: &str) -> String {
+    format!("agentmesh/{mesh}/ads")
+}
+
+impl Discovery {
+    /// Load local agents and the persisted registry, subscribe to the ads
+    /// topic and announce local agents. Spawn [`Discovery::run`] afterwards.
+    pub async fn start(
+        node_key: NodeKey,
+        mesh: &str,
+        listen_addrs: &[Multiaddr],
+        net: NetHandle,
+        store: Store,
+        cfg: DiscoveryConfig,
+    ) -> Result<Discovery, Error> {
+        let local = local::load(&store)?;
+        let now = now_ms();
+        let mut reg = Registry::default();
+        let mut dropped = 0usize;
+        for ad in load_registry(&store)? {
+            if ad::verify(&ad, now).is_ok() {
+                let is_local = local.contains_key(&ad.body.agent_id);
+                reg.apply(ad, now, is_local);
+            } else {
+                dropped += 1;
+            }
+        }
+        debug!(
+            agents = reg.len(),
+            expired = dropped,
+            local = local.len(),
+            "registry loaded"
+        );
+        let addrs = listen_addrs
+            .iter()
+            .filter(|a| {
+                !a.iter().any(|p| {
+                    matches!(p, libp2p::multiaddr::Protocol::Ip4(ip) if ip.is_unspecified())
+                        || matches!(p, libp2p::multiaddr::Protocol::Ip6(ip) if ip.is_unspecified())
+                })
+            })
+            .take(ad::MAX_ADDRS)
+            .map(|a| a.to_string())
+            .collect();
+        let d = Discovery {
+            inner: Arc::new(Inner {
+                node_id: node_key.peer_id(),
+                node_key,
+                mesh: mesh.to_string(),
+                topic: ads_topic(mesh),
+                addrs,
+                net,
+                store,
+                cfg,
+                registry: RwLock::new(reg),
+                local: RwLock::new(local),
+                connected: RwLock::new(HashSet::new()),
+                register_lock: tokio::sync::Mutex::new(()),
+                stats: Stats::default(),
+            }),
+        };
+        d.inner
+            .net
+            .subscribe(d.inner.topic.clone())
+            .await
+            .map_err(|_| Error::Stopped)?;
+        let ids: Vec<AgentId> = d.read_local().keys().cloned().collect();
+        for id in ids {
+            d.reissue(&id, AdState::Active).await;
+            d.provide(&id).await;
+        }
+        Ok(d)
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &Stats {
+        &self.inner.stats
+    }
+
+    fn read_registry(&self) -> std::sync::RwLockReadGuard<'_, Registry> {
+        self.inner
+            .registry
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write_registry(&self) -> std::sync::RwLockWriteGuard<'_, Registry> {
+        self.inner
+            .registry
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn read_local(&self) -> std::sync::RwLockReadGuard<'_, HashMap<AgentId, LocalAgent>> {
+        self.inner.local.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write_local(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<AgentId, LocalAgent>> {
+        self.inner.local.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Run a closure over the registry (no awaits inside).
+    pub fn with_registry<R>(&self, f: impl FnOnce(&Registry) -> R) -> R {
+        f(&self.read_registry())
+    }
+
+    /// Peers connected now (as reported by the network).
+    pub fn connected_peers(&self) -> HashSet<PeerId> {
+        self.inner
+            .connected
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// This node's id.
+    pub fn node_id(&self) -> PeerId {
+        self.inner.node_id
+    }
+
+    /// Number of agents registered on this node.
+    pub fn local_count(&self) -> usize {
+        self.read_local().len()
+    }
+
+    /// The local agent with this id.
+    pub fn local_agent(&self, id: &AgentId) -> Option<LocalAgent> {
+        self.read_local().get(id).cloned()
+    }
+
+    /// The local agent with this handle.
+    pub fn local_by_handle(&self, handle: &str) -> Option<(AgentId, LocalAgent)> {
+        self.read_local()
+            .iter()
+            .find(|(_, a)| a.handle == handle)
+            .map(|(id, a)| (id.clone(), a.clone()))
+    }
+
+    /// Register an agent (or update the one with this handle on this node).
+    pub async fn register(&self, reg: Registration) -> Result<Registered, Error> {
+        ad::validate_handle(&reg.handle)?;
+        ad::validate_agent_fields(&reg.description, &reg.capabilities, &reg.metadata_json)?;
+        let _guard = self.inner.register_lock.lock().await;
+        let existing = self.local_by_handle(&reg.handle);
+        let now = now_ms();
+        let (agent, created) = match existing {
+            Some((_, mut a)) => {
+                a.description = reg.description;
+                a.capabilities = reg.capabilities;
+                a.metadata_json = reg.metadata_json;
+                (a, false)
+            }
+            None => (
+                LocalAgent {
+                    secret: identity::random_seed()
+                        .map_err(|e| Error::Invalid(AdError::TooLarge(e.to_string())))?,
+                    handle: reg.handle,
+                    description: reg.description,
+                    capabilities: reg.capabilities,
+                    metadata_json: reg.metadata_json,
+                    seq: 0,
+                    registered_at_ms: now,
+                },
+                true,
+            ),
+        };
+        let id = agent.id();
+        let stored = agent.clone();
+        self.inner
+            .store
+            .write(move |txn| local::put(txn, &stored))
+            .await?;
+        self.write_local().insert(id.clone(), agent);
+        self.reissue(&id, AdState::Active).await;
+        self.provide(&id).await;
+        debug!(agent = %id, created, "agent registered");
+        Ok(Registered {
+            agent_id: id,
+            created,
+        })
+    }
+
+    /// Withdraw a local agent: signed tombstone to the mesh, then forget it.
+    pub async fn withdraw(&self, id: &AgentId) -> Result<(), Error> {
+        let _guard = self.inner.register_lock.lock().await;
+        if !self.read_local().contains_key(id) {
+            return Err(Error::NotLocal(id.clone()));
+        }
+        self.reissue(id, AdState::Withdrawn).await;
+        let del = id.clone();
+        self.inner
+            .store
+            .write(move |txn| local::remove(txn, &del))
+            .await?;
+        let removed = self.write_local().remove(id);
+        if let Some(a) = removed {
+            let still: HashSet<String> = self
+                .read_local()
+                .iter()
+                .flat_map(|(i, l)| dht::keys_for(i.as_str(), &l.handle, &l.capabilities))
+                .collect();
+            for key in dht::keys_for(id.as_str(), &a.handle, &a.capabilities) {
+                if !still.contains(&key) {
+                    let _ = self
+                        .inner
+                        .net
+                        .stop_providing(dht::record_key(&self.inner.mesh, &key))
+                        .await;
+                }
+            }
+        }
+        debug!(agent = %id, "agent withdrawn");
+        Ok(())
+    }
+
+    /// Announce every local agent as offline (graceful shutdown).
+    pub async fn announce_offline(&self) {
+        let ids: Vec<AgentId> = self.read_local().keys().cloned().collect();
+        for id in ids {
+            self.reissue(&id, AdState::Offline).await;
+        }
+    }
+
+    /// Sign a fresh ad for a local agent, apply it locally and gossip it.
+    async fn reissue(&self, id: &AgentId, state: AdState) {
+        let now = now_ms();
+        let signed = {
+            let mut local = self.write_local();
+            let Some(a) = local.get_mut(id) else {
+                return;
+            };
+            // Monotonic across restarts without a write per refresh: the
+            // clock is ahead of any seq issued before.
+            a.seq = (a.seq + 1).max(now);
+            let body = AdBody {
+                agent_id: id.clone(),
+                handle: a.handle.clone(),
+                node_id: self.inner.node_id.to_string(),
+                node_key: self.inner.node_key.public_bytes(),
+                node_addrs: self.inner.addrs.clone(),
+                description: a.description.clone(),
+                capabilities: a.capabilities.clone(),
+                metadata_json: a.metadata_json.clone(),
+                seq: a.seq,
+                issued_at_ms: now,
+                ttl_secs: self
+                    .inner
+                    .cfg
+                    .ad_ttl
+                    .as_secs()
+                    .clamp(1, u64::from(ad::MAX_TTL_SECS)) as u32,
+                state,
+            };
+            ad::sign(body, &a.key(), &self.inner.node_key)
+        };
+        self.write_registry().apply(signed.clone(), now, true);
+        self.persist(vec![signed.clone()]).await;
+        self.gossip(&signed).await;
+    }
+
+    async fn gossip(&self, ad: &SignedAd) {
+        let data = wire::encode(&GossipAd::V1(ad.clone()));
+        match self.inner.net.publish(self.inner.topic.clone(), data).await {
+            Ok(()) => {}
+            Err(net::Error::Publish { no_peers: true, .. }) => {
+                debug!("no peers on the ads topic yet; anti-entropy will carry the ad")
+            }
+            Err(e) => debug!(error = %e, "gossip of an ad failed; anti-entropy will carry it"),
+        }
+    }
+
+    async fn provide(&self, id: &AgentId) {
+        let keys = match self.read_local().get(id) {
+            Some(a) => dht::keys_for(id.as_str(), &a.handle, &a.capabilities),
+            None => return,
+        };
+        for key in keys {
+            let _ = self
+                .inner
+                .net
+                .start_providing(dht::record_key(&self.inner.mesh, &key))
+                .await;
+        }
+    }
+
+    /// Persist ads (lazily: the registry is a cache that anti-entropy refills).
+    async fn persist(&self, ads: Vec<SignedAd>) {
+        if ads.is_empty() {
+            return;
+        }
+        let r = self
+            .inner
+            .store
+            .write_lazy(move |txn| {
+                let mut t = txn.open_table(REGISTRY)?;
+                for ad in &ads {
+                    t.insert(ad.body.agent_id.as_str(), wire::encode(ad).as_slice())?;
+                }
+                Ok(())
+            })
+            .await;
+        if let Err(e) = r {
+            warn!(error = %e, "cannot persist registry entries");
+        }
+    }
+
+    /// Verify and apply ads from a peer; returns how many were new or newer.
+    pub(crate) async fn ingest(&self, ads: Vec<SignedAd>) -> usize {
+        let now = now_ms();
+        let mut fresh = Vec::new();
+        for ad in ads {
+            if let Err(e) = ad::verify(&ad, now) {
+                self.inner
+                    .stats
+                    .ads_rejected
+                    .fetch_add(1, Ordering::Relaxed);
+                debug!(error = %e, agent = %ad.body.agent_id, "rejected an advertisement");
+                continue;
+            }
+            if self.read_local().contains_key(&ad.body.agent_id) {
+                // Our own agent: only this node issues its ads.
+                continue;
+            }
+            if self.write_registry().apply(ad.clone(), now, false) != Applied::Stale {
+                fresh.push(ad);
+            }
+        }
+        let n = fresh.len();
+        self.inner
+            .stats
+            .ads_applied
+            .fetch_add(n as u64, Ordering::Relaxed);
+        self.persist(fresh).await;
+        n
+    }
+
+    /// A gossip message on the ads topic.
+    pub async fn on_gossip(
+        &self,
+        data: Vec<u8>,
+        message_id: MessageId,
+        propagation_source: PeerId,
+    ) {
+        let verdict = match wire::decode::<GossipAd>(&data, wire::ad::MAX_AD_BYTES + 64) {
+            Err(e) => {
+                self.inner
+                    .stats
+                    .ads_rejected
+                    .fetch_add(1, Ordering::Relaxed);
+                debug!(error = %e, peer = %propagation_source, "undecodable ad");
+                MessageAcceptance::Reject
+            }
+            Ok(GossipAd::V1(ad)) => {
+                let now = now_ms();
+                match ad::verify(&ad, now) {
+                    Err(e) => {
+                        self.inner
+                            .stats
+                            .ads_rejected
+                            .fetch_add(1, Ordering::Relaxed);
+                        warn!(error = %e, peer = %propagation_source, agent = %ad.body.agent_id, "rejected a gossiped ad");
+                        MessageAcceptance::Reject
+                    }
+                    Ok(()) => {
+                        if self.ingest(vec![ad]).await > 0 {
+                            MessageAcceptance::Accept
+                        } else {
+                            MessageAcceptance::Ignore
+                        }
+                    }
+                }
+            }
+        };
+        let _ = self
+            .inner
+            .net
+            .report_validation(message_id, propagation_source, verdict)
+            .await;
+    }
+
+    /// A peer of our mesh connected: note it and reconcile registries.
+    pub fn on_peer_connected(&self, peer: PeerId) {
+        self.inner
+            .connected
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(peer);
+        let d = self.clone();
+        tokio::spawn(async move { d.sync_with(peer).await });
+    }
+
+    /// A peer went away.
+    pub fn on_peer_disconnected(&self, peer: PeerId) {
+        self.inner
+            .connected
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&peer);
+    }
+
+    /// Agents matching a query from the local view, best first.
+    pub fn search(&self, q: &Query) -> Vec<Entry> {
+        let reg = self.read_registry();
+        let candidates: Vec<&Entry> = reg
+            .active()
+            .filter(|e| q.handle.as_ref().is_none_or(|h| *h == e.ad.body.handle))
+            .filter(|e| q.filter.matches(&e.ad.body.capabilities))
+            .collect();
+        let mut out: Vec<Entry> = match q.text.as_deref().map(str::trim).filter(|t| !t.is_empty()) {
+            Some(text) => {
+                let docs: Vec<matching::Document<'_>> = candidates
+                    .iter()
+                    .map(|e| matching::Document {
+                        handle: &e.ad.body.handle,
+                        description: &e.ad.body.description,
+                        capabilities: &e.ad.body.capabilities,
+                    })
+                    .collect();
+                matching::rank(text, &docs)
+                    .into_iter()
+                    .map(|(i, _)| candidates[i].clone())
+                    .collect()
+            }
+            None => {
+                let mut v: Vec<Entry> = candidates.into_iter().cloned().collect();
+                v.sort_by(|a, b| {
+                    (&a.ad.body.handle, &a.ad.body.agent_id)
+                        .cmp(&(&b.ad.body.handle, &b.ad.body.agent_id))
+                });
+                v
+            }
+        };
+        if let Some(l) = q.limit {
+            out.truncate(l);
+        }
+        out
+    }
+
+    /// Like [`search`](Self::search), but a query naming a handle,
+    /// capability or tag that finds nothing locally asks the DHT.
+    pub async fn find(&self, q: &Query) -> Vec<Entry> {
+        let found = self.search(q);
+        if !found.is_empty() || !q.names_something() {
+            return found;
+        }
+        let key = dht::key_for_query(
+            q.handle.as_deref(),
+            None,
+            q.filter.name.as_ref(),
+            &q.filter.tags,
+        );
+        if let Some(key) = key {
+            self.lookup_dht(&key).await;
+        }
+        self.search(q)
+    }
+
+    /// One agent by id, in any state; asks the DHT when unknown.
+    pub async fn get(&self, id: &AgentId) -> Option<Entry> {
+        if let Some(e) = self.read_registry().get(id) {
+            return Some(e.clone());
+        }
+        self.lookup_dht(&format!("agent/{id}")).await;
+        self.read_registry().get(id).cloned()
+    }
+
+    /// Ask the DHT for providers of `key` and fetch their matching ads.
+    pub(crate) async fn lookup_dht(&self, key: &str) {
+        self.inner.stats.dht_lookups.fetch_add(1, Ordering::Relaxed);
+        let rk = dht::record_key(&self.inner.mesh, key);
+        let providers = match tokio::time::timeout(
+            DHT_LOOKUP_TIMEOUT,
+            self.inner.net.get_providers(rk),
+        )
+        .await
+        {
+            Ok(Ok(p)) => p,
+            Ok(Err(e)) => {
+                debug!(%key, error = %e, "DHT lookup found no providers");
+                return;
+            }
+            Err(_) => {
+                debug!(%key, "DHT lookup timed out");
+                return;
+            }
+        };
+        let me = self.inner.node_id;
+        let asks = providers
+            .into_iter()
+            .filter(|p| *p != me)
+            .take(DHT_MAX_PROVIDERS)
+            .map(|peer| {
+                let d = self.clone();
+                let key = key.to_string();
+                async move {
+                    let req = wire::encode(&wire::Request::FindAds { key });
+                    match d.inner.net.request(peer, req).await {
+                        Ok(bytes) => {
+                            match wire::decode::<wire::Response>(&bytes, wire::MAX_FRAME_BYTES) {
+                                Ok(wire::Response::Ads(ads)) => {
+                                    d.ingest(ads).await;
+                                }
+                                Ok(other) => debug!(%peer, ?other, "unexpected answer to FindAds"),
+                                Err(e) => debug!(%peer, error = %e, "bad answer to FindAds"),
+                            }
+                        }
+                        Err(e) => debug!(%peer, error = %e, "FindAds failed"),
+                    }
+                }
+            });
+        futures::future::join_all(asks).await;
+    }
+
+    /// Re-issue every local agent's ad (periodic refresh).
+    pub(crate) async fn refresh_all(&self) {
+        let ids: Vec<AgentId> = self.read_local().keys().cloned().collect();
+        for id in ids {
+            self.reissue(&id, AdState::Active).await;
+        }
+    }
+
+    /// Drop expired registry entries (memory and disk).
+    pub(crate) async fn expire(&self) -> usize {
+        let gone = self.write_registry().expire(now_ms());
+        let n = gone.len();
+        if n > 0 {
+            debug!(count = n, "advertisements expired");
+            let r = self
+                .inner
+                .store
+                .write_lazy(move |txn| {
+                    let mut t = txn.open_table(REGISTRY)?;
+                    for id in &gone {
+                        t.remove(id.as_str())?;
+                    }
+                    Ok(())
+                })
+                .await;
+            if let Err(e) = r {
+                warn!(error = %e, "cannot remove expired registry entries");
+            }
+        }
+        n
+    }
+}
+
+/// The gossip payload on the ads topic.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub enum GossipAd {
+    /// One ad.
+    V1(SignedAd),
+}
+
+fn load_registry(store: &Store) -> Result<Vec<SignedAd>, store::Error> {
+    let r = store.read()?;
+    let t = r.open_table(REGISTRY)?;
+    let mut out = Vec::new();
+    for item in t.iter()? {
+        let (k, v) = item?;
+        match wire::decode::<SignedAd>(v.value(), wire::ad::MAX_AD_BYTES) {
+            Ok(ad) => out.push(ad),
+            // A cache entry we cannot read is dropped, not fatal: anti-entropy refills it.
+            Err(e) => warn!(agent = k.value(), error = %e, "skipping unreadable registry entry"),
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,54 @@
+//! Requests and responses of our one request-response protocol. Each
+//! top-level frame is a versioned `Request` or `Response` (see `wire`).
+
+use serde::{Deserialize, Serialize};
+
+use super::ad::SignedAd;
+use crate::identity::AgentId;
+
+/// Most ads in one response or push.
+pub const MAX_ADS_PER_FRAME: usize = 512;
+
+/// A request to a peer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Request {
+    /// Anti-entropy, step 1: "this is my registry digest".
+    SyncDigest {
+        /// Hash of the sender's sorted `(agent_id, seq)` pairs.
+        digest: [u8; 32],
+        /// Entries behind the digest.
+        count: u32,
+    },
+    /// Ask for these ads.
+    FetchAds {
+        /// Agents wanted.
+        ids: Vec<AgentId>,
+    },
+    /// Offer ads the receiver lacks (it verifies each).
+    PushAds {
+        /// The ads.
+        ads: Vec<SignedAd>,
+    },
+    /// DHT fallback: ads of the receiver's local agents behind a provider key.
+    FindAds {
+        /// The DHT key (e.g. `cap/translate/fr-en`).
+        key: String,
+    },
+}
+
+/// A response to a `Request`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Response {
+    /// Answer to `SyncDigest`: `None` when the digests match, else the
+    /// responder's `(agent_id, seq)` summary.
+    Summary(Option<Vec<(AgentId, u64)>>),
+    /// Ads.
+    Ads(Vec<SignedAd>),
+    /// Done.
+    Ack,
+    /// The request was refused.
+    Error {
+        /// What went wrong.
+        message: String,
+    },
+}
