@@ -121,6 +121,11 @@ pub struct DiscoveryConfig {
     pub refresh_interval: Duration,
     /// How often registry digests are exchanged with connected peers.
     pub anti_entropy_interval: Duration,
+    /// Spread ads over gossipsub (the fast path). Off only for experiments.
+    pub gossip: bool,
+    /// Reconcile registries with peers on connect and periodically. Off
+    /// only for experiments: without it late joiners rely on the DHT.
+    pub anti_entropy: bool,
 }
 
 /// Delivery parameters.
@@ -220,6 +225,12 @@ impl NodeConfig {
             }
             if let Some(s) = d.anti_entropy_secs {
                 self.discovery.anti_entropy_interval = Duration::from_secs(s);
+            }
+            if let Some(g) = d.gossip {
+                self.discovery.gossip = g;
+            }
+            if let Some(a) = d.anti_entropy {
+                self.discovery.anti_entropy = a;
             }
         }
         if let Some(d) = file.delivery {
@@ -376,6 +387,8 @@ impl Default for DiscoveryConfig {
             ad_ttl: Duration::from_secs(600),
             refresh_interval: Duration::from_secs(180),
             anti_entropy_interval: Duration::from_secs(30),
+            gossip: true,
+            anti_entropy: true,
         }
     }
 }
@@ -454,6 +467,10 @@ pub struct FileDiscovery {
     pub refresh_secs: Option<u64>,
     /// Anti-entropy interval.
     pub anti_entropy_secs: Option<u64>,
+    /// Gossip ads.
+    pub gossip: Option<bool>,
+    /// Run anti-entropy.
+    pub anti_entropy: Option<bool>,
 }
 
 /// `[delivery]` section.
@@ -517,6 +534,9 @@ mesh = "{mesh}"
 # ad_ttl_secs = 600
 # refresh_secs = 180
 # anti_entropy_secs = 30
+# Experiments only: turn off a spreading mechanism to see the others at work.
+# gossip = true
+# anti_entropy = true
 
 [delivery]
 # lease_secs = 30

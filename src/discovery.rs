@@ -215,11 +215,13 @@ impl Discovery {
                 stats: Stats::default(),
             }),
         };
-        d.inner
-            .net
-            .subscribe(d.inner.topic.clone())
-            .await
-            .map_err(|_| Error::Stopped)?;
+        if d.inner.cfg.gossip {
+            d.inner
+                .net
+                .subscribe(d.inner.topic.clone())
+                .await
+                .map_err(|_| Error::Stopped)?;
+        }
         let ids: Vec<AgentId> = d.read_local().keys().cloned().collect();
         for id in ids {
             d.reissue(&id, AdState::Active).await;
@@ -415,6 +417,9 @@ impl Discovery {
     }
 
     async fn gossip(&self, ad: &SignedAd) {
+        if !self.inner.cfg.gossip {
+            return;
+        }
         let data = wire::encode(&GossipAd::V1(ad.clone()));
         match self.inner.net.publish(self.inner.topic.clone(), data).await {
             Ok(()) => {}
@@ -541,8 +546,10 @@ impl Discovery {
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .insert(peer);
-        let d = self.clone();
-        tokio::spawn(async move { d.sync_with(peer).await });
+        if self.inner.cfg.anti_entropy {
+            let d = self.clone();
+            tokio::spawn(async move { d.sync_with(peer).await });
+        }
     }
 
     /// A peer went away.

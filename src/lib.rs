@@ -15,7 +15,9 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 pub mod api;
+pub mod bench;
 pub mod client;
+pub mod cluster;
 pub mod config;
 pub mod discovery;
 pub mod identity;

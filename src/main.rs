@@ -51,6 +51,12 @@ enum Command {
     },
     /// Show the running node's identity and status.
     Info(ClientArgs),
+    /// Find agents mesh-wide by capability, tag, handle or free text.
+    Agents(AgentsArgs),
+    /// Register an agent on the running node.
+    Register(RegisterArgs),
+    /// Run a benchmark (release builds) and print its figures.
+    Bench(agentmesh::bench::Args),
     /// List the peers the running node knows.
     Peers(ClientArgs),
 }
@@ -94,6 +100,45 @@ struct ClientArgs {
     /// Print machine-readable JSON.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Args, Debug)]
+struct AgentsArgs {
+    #[command(flatten)]
+    client: ClientArgs,
+    /// Capability name, or a prefix like `translate/*`.
+    #[arg(long)]
+    capability: Option<String>,
+    /// Required tag; repeatable (all must match).
+    #[arg(long = "tag")]
+    tags: Vec<String>,
+    /// Free text, ranked by relevance.
+    #[arg(long)]
+    q: Option<String>,
+    /// Exact handle.
+    #[arg(long)]
+    handle: Option<String>,
+    /// Version requirement, e.g. `^1.2`.
+    #[arg(long)]
+    version: Option<String>,
+    /// Most results.
+    #[arg(long)]
+    limit: Option<usize>,
+}
+
+#[derive(Args, Debug)]
+struct RegisterArgs {
+    #[command(flatten)]
+    client: ClientArgs,
+    /// Handle, `[a-z0-9][a-z0-9_-]{0,62}`.
+    #[arg(long)]
+    handle: String,
+    /// What the agent is.
+    #[arg(long, default_value = "")]
+    description: String,
+    /// A capability as `name` or `name:tag1,tag2`; repeatable.
+    #[arg(long = "capability")]
+    capabilities: Vec<String>,
 }
 
 fn parse_multiaddr(s: &str) -> Result<Multiaddr, String> {
@@ -170,6 +215,66 @@ async fn run(cli: Cli) -> Result<()> {
             });
             Ok(())
         }
+        Command::Agents(a) => {
+            let mut pairs: Vec<(&str, String)> = Vec::new();
+            if let Some(c) = &a.capability {
+                pairs.push(("capability", c.clone()));
+            }
+            for t in &a.tags {
+                pairs.push(("tag", t.clone()));
+            }
+            if let Some(q) = &a.q {
+                pairs.push(("q", q.clone()));
+            }
+            if let Some(h) = &a.handle {
+                pairs.push(("handle", h.clone()));
+            }
+            if let Some(v) = &a.version {
+                pairs.push(("version", v.clone()));
+            }
+            if let Some(l) = a.limit {
+                pairs.push(("limit", l.to_string()));
+            }
+            let qs = serde_urlencoded::to_string(&pairs).context("encoding the query")?;
+            let v = client(&a.client)?.get(&format!("/v1/agents?{qs}")).await?;
+            print_value(&v, a.client.json, |v| {
+                let mut out = String::new();
+                for ag in v.as_array().into_iter().flatten() {
+                    let caps: Vec<String> = ag["capabilities"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|c| s(&c["name"]))
+                        .collect();
+                    out.push_str(&format!(
+                        "@{:<20} {}  node {}{}\n    {}\n",
+                        s(&ag["handle"]),
+                        s(&ag["agent_id"]),
+                        s(&ag["node_id"]),
+                        if ag["local"].as_bool() == Some(true) { " (local)" } else { "" },
+                        caps.join(", ")
+                    ));
+                }
+                if out.is_empty() { "no agents found".into() } else { out.trim_end().to_string() }
+            });
+            Ok(())
+        }
+        Command::Register(r) => {
+            let caps: Vec<Value> = r
+                .capabilities
+                .iter()
+                .map(|c| {
+                    let (name, tags) = c.split_once(':').unwrap_or((c.as_str(), ""));
+                    let tags: Vec<&str> = tags.split(',').filter(|t| !t.is_empty()).collect();
+                    serde_json::json!({"name": name, "tags": tags})
+                })
+                .collect();
+            let body = serde_json::json!({"handle": r.handle, "description": r.description, "capabilities": caps});
+            let v = client(&r.client)?.post("/v1/agents", &body).await?;
+            print_value(&v, r.client.json, |v| format!("registered @{} as {}", s(&v["handle"]), s(&v["agent_id"])));
+            Ok(())
+        }
+        Command::Bench(b) => Ok(agentmesh::bench::run(b).await?),
         Command::Peers(c) => {
             let v = client(&c)?.get("/v1/peers").await?;
             print_value(&v, c.json, |v| {

@@ -36,7 +36,7 @@ impl Discovery {
                 _ = cancel.cancelled() => break,
                 _ = refresh.tick() => self.refresh_all().await,
                 _ = sweep.tick() => { self.expire().await; }
-                _ = anti_entropy.tick() => {
+                _ = anti_entropy.tick(), if cfg.anti_entropy => {
                     let mut peers: Vec<_> = self.connected_peers().into_iter().collect();
                     peers.sort();
                     if !peers.is_empty() {

@@ -1,0 +1,35 @@
+//! Benchmarks run by `agentmesh bench ...` (use a release build). Each one
+//! starts real nodes in this process and prints the figures it measured.
+
+use clap::{Args as ClapArgs, Subcommand};
+
+/// Errors of a benchmark run.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A node failed to start.
+    #[error("node failed to start: {0}")]
+    Start(#[from] crate::node::StartError),
+    /// The benchmark did not reach its goal in time.
+    #[error("benchmark timed out: {0}")]
+    Timeout(String),
+    /// Anything else that stopped the run.
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// `agentmesh bench` arguments.
+#[derive(ClapArgs, Debug)]
+pub struct Args {
+    /// Which benchmark.
+    #[command(subcommand)]
+    pub which: Which,
+}
+
+/// The benchmarks.
+#[derive(Subcommand, Debug)]
+pub enum Which {}
+
+/// Run the chosen benchmark.
+pub async fn run(args: Args) -> Result<(), Error> {
+    match args.which {}
+}

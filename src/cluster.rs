@@ -1,0 +1,1 @@
+//! Many real nodes in one process (benchmarks and simulations).
