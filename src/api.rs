@@ -16,6 +16,7 @@ use crate::node::NodeHandle;
 mod agents;
 mod error;
 mod extract;
+mod messages;
 mod node;
 
 pub use error::ApiError;
@@ -33,6 +34,11 @@ pub fn router(node: NodeHandle) -> Router {
             get(agents::get_one).delete(agents::withdraw),
         )
         .route("/resolve", post(agents::resolve))
+        .route("/messages", post(messages::send))
+        .route("/messages/{id}", get(messages::status))
+        .route("/agents/{id}/inbox", get(messages::inbox))
+        .route("/agents/{id}/inbox/{message_id}/ack", post(messages::ack))
+        .route("/agents/{id}/events", get(messages::events))
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(node.clone(), require_token));
     let metrics = if node.config().api.metrics_need_token {

@@ -154,6 +154,67 @@ impl Client {
         })
     }
 
+    /// POST raw bytes as `application/json` (for testing malformed input).
+    pub async fn post_bytes(&self, path: &str, body: Vec<u8>) -> Result<Value, Error> {
+        let transport = |source| Error::Transport {
+            addr: self.base.clone(),
+            source,
+        };
+        let resp = self
+            .http
+            .post(format!("{}{}", self.base, path))
+            .bearer_auth(&self.token)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body)
+            .send()
+            .await
+            .map_err(transport)?;
+        let status = resp.status();
+        let value: Value = resp.json().await.unwrap_or(Value::Null);
+        if status.is_success() {
+            return Ok(value);
+        }
+        Err(Error::Api {
+            status,
+            code: value["error"]["code"]
+                .as_str()
+                .unwrap_or("unknown")
+                .to_string(),
+            message: value["error"]["message"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
+        })
+    }
+
+    /// Open a streaming GET (Server-Sent Events); read it with `chunk()`.
+    pub async fn stream(&self, path: &str) -> Result<reqwest::Response, Error> {
+        let resp = self
+            .http
+            .get(format!("{}{}", self.base, path))
+            .bearer_auth(&self.token)
+            .timeout(Duration::from_secs(3600))
+            .send()
+            .await
+            .map_err(|source| Error::Transport {
+                addr: self.base.clone(),
+                source,
+            })?;
+        if !resp.status().is_success() {
+            let status = resp.status();
+            let v: Value = resp.json().await.unwrap_or(Value::Null);
+            return Err(Error::Api {
+                status,
+                code: v["error"]["code"].as_str().unwrap_or("unknown").to_string(),
+                message: v["error"]["message"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+            });
+        }
+        Ok(resp)
+    }
+
     /// GET a JSON document.
     pub async fn get(&self, path: &str) -> Result<Value, Error> {
         Ok(self

@@ -567,7 +567,7 @@ impl Discovery {
         let candidates: Vec<&Entry> = reg
             .active()
             .filter(|e| q.handle.as_ref().is_none_or(|h| *h == e.ad.body.handle))
-            .filter(|e| q.filter.matches(&e.ad.body.capabilities))
+            .filter(|e| q.filter == Filter::default() || q.filter.matches(&e.ad.body.capabilities))
             .collect();
         let mut out: Vec<Entry> = match q.text.as_deref().map(str::trim).filter(|t| !t.is_empty()) {
             Some(text) => {

@@ -154,6 +154,20 @@ pub fn peer_id_of(public: &[u8; 32]) -> Result<PeerId, Error> {
     Ok(libp2p::identity::PublicKey::from(pk).to_peer_id())
 }
 
+/// The ed25519 public key a `PeerId` embeds (ed25519 peer ids are the
+/// key itself, "identity"-hashed), so a node's signature can be checked
+/// from its id alone.
+pub fn public_key_of(peer: &PeerId) -> Result<[u8; 32], Error> {
+    let mh = peer.as_ref();
+    if mh.code() != 0 {
+        return Err(Error::BadPublicKey);
+    }
+    let pk = libp2p::identity::PublicKey::try_decode_protobuf(mh.digest())
+        .map_err(|_| Error::BadPublicKey)?;
+    let ed = pk.try_into_ed25519().map_err(|_| Error::BadPublicKey)?;
+    Ok(ed.to_bytes())
+}
+
 /// An agent's id: `agt_` + base58(public key).
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
@@ -286,6 +300,14 @@ mod tests {
                 .mode();
             assert_eq!(mode & 0o777, 0o600);
         }
+    }
+
+    #[test]
+    fn public_key_is_recovered_from_peer_id() {
+        let k = NodeKey::generate().unwrap();
+        assert_eq!(public_key_of(&k.peer_id()).unwrap(), k.public_bytes());
+        let sig = k.sign(b"m");
+        verify(&public_key_of(&k.peer_id()).unwrap(), b"m", &sig).unwrap();
     }
 
     #[test]

@@ -19,6 +19,7 @@ pub mod bench;
 pub mod client;
 pub mod cluster;
 pub mod config;
+pub mod delivery;
 pub mod discovery;
 pub mod identity;
 pub mod net;

@@ -251,11 +251,19 @@ async fn run(cli: Cli) -> Result<()> {
                         s(&ag["handle"]),
                         s(&ag["agent_id"]),
                         s(&ag["node_id"]),
-                        if ag["local"].as_bool() == Some(true) { " (local)" } else { "" },
+                        if ag["local"].as_bool() == Some(true) {
+                            " (local)"
+                        } else {
+                            ""
+                        },
                         caps.join(", ")
                     ));
                 }
-                if out.is_empty() { "no agents found".into() } else { out.trim_end().to_string() }
+                if out.is_empty() {
+                    "no agents found".into()
+                } else {
+                    out.trim_end().to_string()
+                }
             });
             Ok(())
         }
@@ -271,7 +279,9 @@ async fn run(cli: Cli) -> Result<()> {
                 .collect();
             let body = serde_json::json!({"handle": r.handle, "description": r.description, "capabilities": caps});
             let v = client(&r.client)?.post("/v1/agents", &body).await?;
-            print_value(&v, r.client.json, |v| format!("registered @{} as {}", s(&v["handle"]), s(&v["agent_id"])));
+            print_value(&v, r.client.json, |v| {
+                format!("registered @{} as {}", s(&v["handle"]), s(&v["agent_id"]))
+            });
             Ok(())
         }
         Command::Bench(b) => Ok(agentmesh::bench::run(b).await?),

@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, info_span, warn};
 
 use crate::config::{self, NodeConfig};
+use crate::delivery::{self, Delivery};
 use crate::discovery::{self, Discovery};
 use crate::identity::{self, NodeKey};
 use crate::net::{self, EventLoop, NetHandle, PeerInfo};
@@ -56,6 +57,9 @@ pub enum StartError {
     /// Discovery could not start (its stored state is unreadable).
     #[error("discovery: {0}")]
     Discovery(#[from] discovery::Error),
+    /// Delivery could not start (its stored state is unreadable).
+    #[error("delivery: {0}")]
+    Delivery(#[from] delivery::Error),
     /// The API address could not be bound.
     #[error("cannot bind the API on {addr}: {source}")]
     ApiBind {
@@ -92,7 +96,8 @@ struct Inner {
     net: NetHandle,
     store: Store,
     discovery: Discovery,
-    router: Router,
+    router: Arc<Router>,
+    delivery: Delivery,
     started: Instant,
     listen_addrs: Vec<Multiaddr>,
     api_addr: OnceLock<SocketAddr>,
@@ -163,7 +168,17 @@ impl Node {
                 .run(cancel.clone())
                 .instrument(span.clone()),
         ));
-        let router = Router::new(discovery.clone());
+        let router = Arc::new(Router::new(discovery.clone()));
+        let (delivery, courier) = Delivery::start(
+            key.clone(),
+            store.clone(),
+            net.clone(),
+            discovery.clone(),
+            router.clone(),
+            config.delivery.clone(),
+            cancel.clone(),
+        )?;
+        tasks.push(tokio::spawn(courier.instrument(span.clone())));
 
         let handle = NodeHandle {
             inner: Arc::new(Inner {
@@ -174,6 +189,7 @@ impl Node {
                 store,
                 discovery,
                 router,
+                delivery,
                 started: Instant::now(),
                 listen_addrs,
                 api_addr: OnceLock::new(),
@@ -331,6 +347,11 @@ impl NodeHandle {
         &self.inner.router
     }
 
+    /// Messages: send, track, inbox.
+    pub fn delivery(&self) -> &Delivery {
+        &self.inner.delivery
+    }
+
     /// The API bearer token.
     pub fn api_token(&self) -> &str {
         &self.inner.token
@@ -392,7 +413,10 @@ async fn dispatch(
             ev = events.recv() => match ev { Some(ev) => ev, None => break },
         };
         match ev {
-            net::Event::PeerConnected { peer } => node.inner.discovery.on_peer_connected(peer),
+            net::Event::PeerConnected { peer } => {
+                node.inner.discovery.on_peer_connected(peer);
+                node.inner.delivery.on_peer_connected(peer).await;
+            }
             net::Event::PeerDisconnected { peer } => {
                 node.inner.discovery.on_peer_disconnected(peer)
             }
@@ -443,6 +467,9 @@ impl NodeHandle {
     /// Decode a peer's request and let its owner answer it.
     async fn answer(&self, peer: PeerId, data: &[u8]) -> wire::Response {
         match wire::decode::<wire::Request>(data, wire::MAX_FRAME_BYTES) {
+            Ok(req @ (wire::Request::Deliver { .. } | wire::Request::Receipts { .. })) => {
+                self.inner.delivery.handle_request(peer, req).await
+            }
             Ok(req) => self.inner.discovery.handle_request(peer, req).await,
             Err(e) => {
                 tracing::debug!(%peer, error = %e, "undecodable request");

@@ -12,9 +12,11 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 pub mod ad;
+pub mod envelope;
 pub mod rpc;
 
 pub use ad::{AdBody, AdState, Capability, SignedAd};
+pub use envelope::{Envelope, Outcome, Receipt, ReceiptKind, Rejection};
 pub use rpc::{Request, Response};
 
 /// The wire version this build speaks.
@@ -95,11 +97,16 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8], limit: usize) -> Result<T, Erro
 
 /// The bytes a signature covers: a domain tag, then the canonical encoding.
 pub fn signing_bytes<T: Serialize>(domain: &str, value: &T) -> Vec<u8> {
-    let mut out = Vec::with_capacity(64);
+    signing_bytes_raw(domain, &encode(value))
+}
+
+/// Like `signing_bytes`, over bytes that are already encoded.
+pub fn signing_bytes_raw(domain: &str, encoded: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(encoded.len() + domain.len() + 16);
     out.extend_from_slice(b"agentmesh-sig:");
     out.extend_from_slice(domain.as_bytes());
     out.push(0);
-    out.extend_from_slice(&encode(value));
+    out.extend_from_slice(encoded);
     out
 }
 

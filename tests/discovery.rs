@@ -399,17 +399,46 @@ async fn dht_finds_agents_when_gossip_and_anti_entropy_are_off() {
     register(&nodes[0], summarizer()).await;
     register(&nodes[3], translator("translator-fr", "fr-en", &["fr"])).await;
     let who = &nodes[1];
-    assert!(who.handle().discovery().with_registry(|r| r.is_empty()), "nothing arrived by other means");
-    wait_until("node 1 to find both agents through the DHT", Duration::from_secs(20), || async {
-        handles(who, "capability=summarize").await == ["summarizer"]
-            && handles(who, "capability=translate/*").await == ["translator-fr"]
-    })
+    assert!(
+        who.handle().discovery().with_registry(|r| r.is_empty()),
+        "nothing arrived by other means"
+    );
+    wait_until(
+        "node 1 to find both agents through the DHT",
+        Duration::from_secs(20),
+        || async {
+            handles(who, "capability=summarize").await == ["summarizer"]
+                && handles(who, "capability=translate/*").await == ["translator-fr"]
+        },
+    )
     .await;
-    let id = nodes[3].client.get("/v1/agents?handle=translator-fr").await.unwrap()[0]["agent_id"]
+    let id = nodes[3]
+        .client
+        .get("/v1/agents?handle=translator-fr")
+        .await
+        .unwrap()[0]["agent_id"]
         .as_str()
         .unwrap()
         .to_string();
-    let v = nodes[2].client.get(&format!("/v1/agents/{id}")).await.unwrap();
+    let v = nodes[2]
+        .client
+        .get(&format!("/v1/agents/{id}"))
+        .await
+        .unwrap();
     assert_eq!(v["handle"], "translator-fr");
-    assert!(metric(&who.client, "agentmesh_dht_lookups_total").await.unwrap() >= 1.0);
+    assert!(
+        metric(&who.client, "agentmesh_dht_lookups_total")
+            .await
+            .unwrap()
+            >= 1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_without_capabilities_are_listed() {
+    let n = TestNode::start(|_| {}).await;
+    register(&n, json!({"handle": "plain"})).await;
+    assert_eq!(handles(&n, "").await, ["plain"]);
+    assert_eq!(handles(&n, "handle=plain").await, ["plain"]);
+    assert!(handles(&n, "capability=x").await.is_empty());
 }

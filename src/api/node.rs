@@ -143,6 +143,62 @@ pub async fn metrics(State(node): State<NodeHandle>) -> Result<impl IntoResponse
         "counter",
         load(&d.dht_lookups),
     );
+    let ds = node.delivery().stats();
+    for (name, help, v) in [
+        (
+            "agentmesh_messages_queued_total",
+            "Messages accepted from local agents.",
+            &ds.queued,
+        ),
+        (
+            "agentmesh_messages_delivered_total",
+            "Messages confirmed stored by the recipient's node.",
+            &ds.delivered,
+        ),
+        (
+            "agentmesh_batches_sent_total",
+            "Delivery batches sent.",
+            &ds.batches_sent,
+        ),
+        (
+            "agentmesh_batches_failed_total",
+            "Delivery batches that failed and were retried.",
+            &ds.batches_failed,
+        ),
+        (
+            "agentmesh_inbox_stored_total",
+            "Messages stored in local inboxes.",
+            &ds.inbox_stored,
+        ),
+        (
+            "agentmesh_inbox_duplicates_total",
+            "Duplicate deliveries recognised and not stored again.",
+            &ds.inbox_duplicates,
+        ),
+        (
+            "agentmesh_inbox_rejected_total",
+            "Messages refused on arrival.",
+            &ds.inbox_rejected,
+        ),
+        ("agentmesh_acks_total", "Acks from local agents.", &ds.acked),
+        (
+            "agentmesh_receipts_applied_total",
+            "Receipts applied to tracking.",
+            &ds.receipts_applied,
+        ),
+        (
+            "agentmesh_messages_expired_total",
+            "Messages that expired here.",
+            &ds.expired,
+        ),
+        (
+            "agentmesh_dead_letters_total",
+            "Messages dead-lettered here.",
+            &ds.dead_lettered,
+        ),
+    ] {
+        gauge(name, help, "counter", load(v));
+    }
     gauge(
         "agentmesh_registry_agents",
         "Agents in this node's registry (tombstones included).",

@@ -38,6 +38,7 @@ impl Discovery {
                 _ = sweep.tick() => { self.expire().await; }
                 _ = anti_entropy.tick(), if cfg.anti_entropy => {
                     let mut peers: Vec<_> = self.connected_peers().into_iter().collect();
+                    tracing::debug!(peers = peers.len(), "anti-entropy tick");
                     peers.sort();
                     if !peers.is_empty() {
                         // Rotate through peers so every one is reconciled in turn.

@@ -128,6 +128,9 @@ impl Discovery {
                         .collect(),
                 )
             }
+            Request::Deliver { .. } | Request::Receipts { .. } => Response::Error {
+                message: "not a discovery request".into(),
+            },
         }
     }
 }

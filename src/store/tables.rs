@@ -9,10 +9,34 @@ pub(crate) const LOCAL_AGENTS: TableDefinition<&str, &[u8]> = TableDefinition::n
 /// Every known agent's latest verified ad, by agent id (`discovery`).
 pub(crate) const REGISTRY: TableDefinition<&str, &[u8]> = TableDefinition::new("registry");
 
+/// Sent messages' envelopes, by message id; written once (`delivery`).
+pub(crate) const OUT_MESSAGES: TableDefinition<&str, &[u8]> = TableDefinition::new("out_messages");
+/// Sent messages' tracking (status, history, result), by message id.
+pub(crate) const OUT_STATUS: TableDefinition<&str, &[u8]> = TableDefinition::new("out_status");
+/// Messages not yet handed over: `(recipient node, message id)` → `(expiry ms, size)`.
+pub(crate) const OUTBOX: TableDefinition<(&str, &str), (u64, u64)> = TableDefinition::new("outbox");
+/// `(sending agent, idempotency key)` → encoded list of message ids + expiry.
+pub(crate) const IDEMPOTENCY: TableDefinition<(&str, &str), &[u8]> =
+    TableDefinition::new("idempotency");
+/// `(original message id, reply message id)` → ().
+pub(crate) const REPLIES: TableDefinition<(&str, &str), ()> = TableDefinition::new("replies");
+/// Received messages: `(recipient agent, message id)` → inbox record.
+pub(crate) const INBOX: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("inbox");
+/// Receipts not yet confirmed by the sender's node: `(sender node, message id)` → receipt.
+pub(crate) const RECEIPTS_OUT: TableDefinition<(&str, &str), &[u8]> =
+    TableDefinition::new("receipts_out");
+
 /// Opens (and so creates) every table.
 pub(crate) fn create_all(txn: &WriteTransaction) -> Result<(), redb::TableError> {
     txn.open_table(super::META)?;
     txn.open_table(LOCAL_AGENTS)?;
     txn.open_table(REGISTRY)?;
+    txn.open_table(OUT_MESSAGES)?;
+    txn.open_table(OUT_STATUS)?;
+    txn.open_table(OUTBOX)?;
+    txn.open_table(IDEMPOTENCY)?;
+    txn.open_table(REPLIES)?;
+    txn.open_table(INBOX)?;
+    txn.open_table(RECEIPTS_OUT)?;
     Ok(())
 }

@@ -34,6 +34,21 @@ pub enum Request {
         /// The DHT key (e.g. `cap/translate/fr-en`).
         key: String,
     },
+    /// A batch of messages: `payload` is an encoded `DeliverPayload`,
+    /// `sig` the sending node's signature over `signing_bytes("deliver", payload)`.
+    Deliver {
+        /// Encoded `DeliverPayload`.
+        payload: Vec<u8>,
+        /// Node signature.
+        sig: Vec<u8>,
+    },
+    /// A batch of receipts: `payload` is an encoded `ReceiptPayload`.
+    Receipts {
+        /// Encoded `ReceiptPayload`.
+        payload: Vec<u8>,
+        /// Node signature over `signing_bytes("receipts", payload)`.
+        sig: Vec<u8>,
+    },
 }
 
 /// A response to a `Request`.
@@ -46,6 +61,8 @@ pub enum Response {
     Ads(Vec<SignedAd>),
     /// Done.
     Ack,
+    /// Per-message outcomes of a `Deliver`, in the batch's order.
+    Delivered(Vec<super::envelope::Outcome>),
     /// The request was refused.
     Error {
         /// What went wrong.

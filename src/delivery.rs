@@ -1,0 +1,250 @@
+//! Delivery: persistent, tracked messages between agents.
+//!
+//! An agent hands a message to its node and can forget about it. The
+//! sending node commits it to its outbox (fsynced) before answering; the
+//! courier task sends it in batches, one batch in flight per peer, retrying
+//! with backoff; the receiving node commits it to the recipient's inbox and
+//! only then answers `Stored`; the agent leases it (long-poll or SSE) and
+//! acknowledges it, and a receipt travels back so the sender's tracking
+//! reads `processed`. Every step is on disk before it is acknowledged, so a
+//! node killed at any moment resumes from its database.
+//!
+//! # Layout
+//! - `ids`: sortable message ids.
+//! - `records`: what is stored; the status state machine.
+//! - `queue`: per-peer queues with backoff (no I/O).
+//! - `send`: accepting a message from a local agent (routing, idempotency).
+//! - `courier`: the task that sends batches of messages and receipts.
+//! - `inbox`: receiving batches, leases, acks, dead letters.
+//! - `tracking`: status queries and receipts from peers.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use libp2p::PeerId;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::DeliveryConfig;
+use crate::discovery::Discovery;
+use crate::identity::{AgentId, NodeKey};
+use crate::net::NetHandle;
+use crate::routing::{RouteError, Router};
+use crate::store::{self, Store};
+use crate::wire::{self, Request, Response};
+
+mod courier;
+pub mod ids;
+mod inbox;
+pub mod queue;
+pub mod records;
+mod send;
+mod tracking;
+
+pub use inbox::InboxMessage;
+pub use records::{HistoryEntry, Status, Tracking};
+pub use send::{SendRequest, Sent};
+pub use tracking::MessageView;
+
+/// Longest TTL a message may ask for.
+pub const MAX_TTL_SECS: u64 = 30 * 24 * 3600;
+/// Longest long-poll.
+pub const MAX_WAIT_SECS: u64 = 60;
+/// Most messages one poll returns.
+pub const MAX_POLL: usize = 1000;
+
+/// Delivery errors, each naming what was wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// `from` is not an agent registered on this node.
+    #[error("sender {0} is not an agent registered on this node")]
+    SenderNotLocal(String),
+    /// The agent is not registered on this node.
+    #[error("agent {0} is not registered on this node")]
+    AgentNotLocal(AgentId),
+    /// The recipient could not be resolved.
+    #[error(transparent)]
+    Route(#[from] RouteError),
+    /// The body is larger than allowed.
+    #[error("message body is {size} bytes; the limit is {limit}")]
+    BodyTooLarge {
+        /// Size.
+        size: usize,
+        /// Limit.
+        limit: usize,
+    },
+    /// A field is invalid.
+    #[error("{0}")]
+    Invalid(String),
+    /// No such message.
+    #[error("no message {0} here")]
+    UnknownMessage(String),
+    /// The message is not waiting for an ack.
+    #[error("message {id} cannot be acknowledged: it is {state}")]
+    NotPending {
+        /// Message.
+        id: String,
+        /// Its state.
+        state: &'static str,
+    },
+    /// Storage failed.
+    #[error(transparent)]
+    Store(#[from] store::Error),
+    /// The node is shutting down.
+    #[error("the node is shutting down")]
+    Stopped,
+}
+
+/// Counters for `/metrics` and benchmarks.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Messages accepted from local agents.
+    pub queued: AtomicU64,
+    /// Messages the recipient's node confirmed stored.
+    pub delivered: AtomicU64,
+    /// Batches sent to peers.
+    pub batches_sent: AtomicU64,
+    /// Batches that failed and will be retried.
+    pub batches_failed: AtomicU64,
+    /// Messages stored in local inboxes.
+    pub inbox_stored: AtomicU64,
+    /// Duplicates recognised and not stored again.
+    pub inbox_duplicates: AtomicU64,
+    /// Messages refused on arrival.
+    pub inbox_rejected: AtomicU64,
+    /// Acks from local agents.
+    pub acked: AtomicU64,
+    /// Receipts applied to tracking.
+    pub receipts_applied: AtomicU64,
+    /// Messages that expired (either side).
+    pub expired: AtomicU64,
+    /// Messages that went to the dead-letter state here.
+    pub dead_lettered: AtomicU64,
+}
+
+impl Stats {
+    pub(crate) fn add(counter: &AtomicU64, n: usize) {
+        counter.fetch_add(n as u64, Ordering::Relaxed);
+    }
+}
+
+struct Inner {
+    node_id: PeerId,
+    node_key: NodeKey,
+    store: Store,
+    net: NetHandle,
+    discovery: Discovery,
+    router: Arc<Router>,
+    cfg: DeliveryConfig,
+    ids: ids::IdGen,
+    courier: mpsc::Sender<courier::Cmd>,
+    inboxes: inbox::Inboxes,
+    stats: Stats,
+}
+
+/// Cheap, cloneable handle to delivery.
+#[derive(Clone)]
+pub struct Delivery {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Delivery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Delivery")
+            .field("node_id", &self.inner.node_id)
+            .finish()
+    }
+}
+
+impl Delivery {
+    /// Load the outbox, receipts and inboxes from the database; returns the
+    /// courier task's future, for the caller to spawn.
+    pub fn start(
+        node_key: NodeKey,
+        store: Store,
+        net: NetHandle,
+        discovery: Discovery,
+        router: Arc<Router>,
+        cfg: DeliveryConfig,
+        cancel: CancellationToken,
+    ) -> Result<
+        (
+            Delivery,
+            impl std::future::Future<Output = ()> + Send + 'static,
+        ),
+        Error,
+    > {
+        let (tx, rx) = mpsc::channel(courier::QUEUE);
+        let d = Delivery {
+            inner: Arc::new(Inner {
+                node_id: node_key.peer_id(),
+                node_key,
+                store,
+                net,
+                discovery,
+                router,
+                cfg,
+                ids: ids::IdGen::default(),
+                courier: tx,
+                inboxes: inbox::Inboxes::default(),
+                stats: Stats::default(),
+            }),
+        };
+        d.load_inboxes()?;
+        let replay = courier::Replay::load(&d)?;
+        let task = courier::run(d.clone(), rx, replay, cancel);
+        Ok((d, task))
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &Stats {
+        &self.inner.stats
+    }
+
+    /// Messages waiting in the outbox and receipts waiting to be sent.
+    pub async fn backlog(&self) -> Result<(usize, usize), Error> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.inner
+            .courier
+            .send(courier::Cmd::Backlog(tx))
+            .await
+            .map_err(|_| Error::Stopped)?;
+        rx.await.map_err(|_| Error::Stopped)
+    }
+
+    /// Answer a delivery request from a peer (`Deliver` or `Receipts`).
+    pub async fn handle_request(&self, peer: PeerId, req: Request) -> Response {
+        match req {
+            Request::Deliver { payload, sig } => {
+                match self.accept_batch(peer, &payload, &sig).await {
+                    Ok(outcomes) => Response::Delivered(outcomes),
+                    Err(message) => Response::Error { message },
+                }
+            }
+            Request::Receipts { payload, sig } => {
+                match self.apply_receipts(peer, &payload, &sig).await {
+                    Ok(()) => Response::Ack,
+                    Err(message) => Response::Error { message },
+                }
+            }
+            _ => Response::Error {
+                message: "not a delivery request".into(),
+            },
+        }
+    }
+
+    /// A peer connected: retry its queues now.
+    pub async fn on_peer_connected(&self, peer: PeerId) {
+        let _ = self.inner.courier.send(courier::Cmd::PeerUp(peer)).await;
+    }
+}
+
+/// Verify a node's signature over an encoded payload.
+fn verify_node_sig(peer: &PeerId, domain: &str, payload: &[u8], sig: &[u8]) -> Result<(), String> {
+    let pk = crate::identity::public_key_of(peer).map_err(|e| format!("sender node key: {e}"))?;
+    let sig: [u8; 64] = sig
+        .try_into()
+        .map_err(|_| "signature is not 64 bytes".to_string())?;
+    crate::identity::verify(&pk, &wire::signing_bytes_raw(domain, payload), &sig)
+        .map_err(|_| format!("{domain} batch signature does not verify"))
+}

@@ -1,0 +1,573 @@
+//! The courier: one task owning the send queues of messages and receipts.
+//! It hands ready batches to short-lived tasks (one in flight per peer),
+//! applies their results, backs off from unreachable peers, retries a peer
+//! the moment it reconnects, and expires what outlives its TTL.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use libp2p::PeerId;
+use redb::ReadableTable;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, warn};
+
+use super::queue::{Backoff, Item, Queues};
+use super::records::{self, Status, Tracking};
+use super::{Delivery, Error, Stats};
+use crate::store::tables::{OUT_MESSAGES, OUT_STATUS, OUTBOX, RECEIPTS_OUT};
+use crate::time::now_ms;
+use crate::wire::envelope::{DeliverPayload, MAX_BATCH_BYTES, MAX_BATCH_MESSAGES, ReceiptPayload};
+use crate::wire::{self, Envelope, Outcome, Receipt, Rejection, Request, Response};
+
+/// Command queue length.
+pub(crate) const QUEUE: usize = 8192;
+/// Messages per batch.
+const BATCH: usize = 512;
+/// Bytes per batch (well under the frame limit).
+const BATCH_BYTES: u64 = 4 * 1024 * 1024;
+/// Expiry sweep period.
+const SWEEP: Duration = Duration::from_millis(500);
+
+const _: () = assert!(BATCH <= MAX_BATCH_MESSAGES && BATCH_BYTES as usize <= MAX_BATCH_BYTES / 2);
+
+/// What the courier is asked to do.
+pub(crate) enum Cmd {
+    /// Messages newly queued.
+    Enqueue(Vec<(PeerId, Item)>),
+    /// Receipts newly queued.
+    Receipts(Vec<(PeerId, Item)>),
+    /// A peer connected.
+    PeerUp(PeerId),
+    /// A batch finished.
+    Done {
+        peer: PeerId,
+        kind: Kind,
+        result: Result<Vec<String>, String>,
+    },
+    /// How much is waiting: `(messages, receipts)`.
+    Backlog(oneshot::Sender<(usize, usize)>),
+}
+
+/// Which queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    Messages,
+    Receipts,
+}
+
+/// What the database says is still to send, read at start.
+pub(crate) struct Replay {
+    messages: Vec<(PeerId, Item)>,
+    receipts: Vec<(PeerId, Item)>,
+}
+
+impl Replay {
+    /// Scan the outbox and the receipts table.
+    pub(crate) fn load(d: &Delivery) -> Result<Replay, Error> {
+        let r = d.inner.store.read()?;
+        let mut messages = Vec::new();
+        let outbox = r.open_table(OUTBOX).map_err(crate::store::Error::from)?;
+        for row in outbox.iter().map_err(crate::store::Error::from)? {
+            let (k, v) = row.map_err(crate::store::Error::from)?;
+            let (node, id) = k.value();
+            let (expires_at_ms, size) = v.value();
+            match node.parse::<PeerId>() {
+                Ok(peer) => messages.push((
+                    peer,
+                    Item {
+                        id: id.to_string(),
+                        expires_at_ms,
+                        size,
+                    },
+                )),
+                Err(_) => warn!(node, id, "outbox entry with an unreadable node id skipped"),
+            }
+        }
+        let mut receipts = Vec::new();
+        let table = r
+            .open_table(RECEIPTS_OUT)
+            .map_err(crate::store::Error::from)?;
+        for row in table.iter().map_err(crate::store::Error::from)? {
+            let (k, _) = row.map_err(crate::store::Error::from)?;
+            let (node, id) = k.value();
+            if let Ok(peer) = node.parse::<PeerId>() {
+                receipts.push((
+                    peer,
+                    Item {
+                        id: id.to_string(),
+                        expires_at_ms: u64::MAX,
+                        size: 128,
+                    },
+                ));
+            }
+        }
+        // Ids sort by creation time: replay each peer's queue in order.
+        messages.sort_by(|a, b| a.1.id.cmp(&b.1.id));
+        Ok(Replay { messages, receipts })
+    }
+}
+
+struct State {
+    messages: Queues,
+    receipts: Queues,
+    rng: u64,
+}
+
+impl State {
+    fn jitter(&mut self) -> f64 {
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        (self.rng >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    fn queue(&mut self, kind: Kind) -> &mut Queues {
+        match kind {
+            Kind::Messages => &mut self.messages,
+            Kind::Receipts => &mut self.receipts,
+        }
+    }
+}
+
+/// Run the courier until cancelled.
+pub(crate) async fn run(
+    d: Delivery,
+    mut rx: mpsc::Receiver<Cmd>,
+    replay: Replay,
+    cancel: CancellationToken,
+) {
+    let backoff = Backoff {
+        initial: d.inner.cfg.retry_initial,
+        max: d.inner.cfg.retry_max,
+    };
+    let mut st = State {
+        messages: Queues::new(backoff),
+        receipts: Queues::new(backoff),
+        rng: now_ms() | 1,
+    };
+    if !replay.messages.is_empty() || !replay.receipts.is_empty() {
+        debug!(
+            messages = replay.messages.len(),
+            receipts = replay.receipts.len(),
+            "replaying from disk"
+        );
+    }
+    for (p, i) in replay.messages {
+        st.messages.push(p, i);
+    }
+    for (p, i) in replay.receipts {
+        st.receipts.push(p, i);
+    }
+    let mut sweep = tokio::time::interval(SWEEP);
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        dispatch(&d, &mut st);
+        let next = [st.messages.next_retry(), st.receipts.next_retry()]
+            .into_iter()
+            .flatten()
+            .min();
+        let wake = tokio::time::sleep_until(
+            next.map(tokio::time::Instant::from_std)
+                .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600)),
+        );
+        tokio::select! {
+            biased;
+            _ = cancel.cancelled() => break,
+            cmd = rx.recv() => match cmd {
+                None => break,
+                Some(cmd) => handle(&d, &mut st, cmd),
+            },
+            _ = wake, if next.is_some() => {}
+            _ = sweep.tick() => expire(&d, &mut st).await,
+        }
+    }
+}
+
+fn handle(d: &Delivery, st: &mut State, cmd: Cmd) {
+    match cmd {
+        Cmd::Enqueue(items) => {
+            for (p, i) in items {
+                st.messages.push(p, i);
+            }
+        }
+        Cmd::Receipts(items) => {
+            for (p, i) in items {
+                st.receipts.push(p, i);
+            }
+        }
+        Cmd::PeerUp(peer) => {
+            st.messages.wake(&peer);
+            st.receipts.wake(&peer);
+        }
+        Cmd::Done { peer, kind, result } => match result {
+            Ok(answered) => st.queue(kind).complete(&peer, &answered),
+            Err(error) => {
+                let j = st.jitter();
+                let delay = st.queue(kind).fail(&peer, Instant::now(), j);
+                if kind == Kind::Messages {
+                    Stats::add(&d.inner.stats.batches_failed, 1);
+                }
+                debug!(%peer, ?kind, %error, retry_in = ?delay, "batch failed; backing off");
+            }
+        },
+        Cmd::Backlog(reply) => {
+            let _ = reply.send((st.messages.len(), st.receipts.len()));
+        }
+    }
+}
+
+fn dispatch(d: &Delivery, st: &mut State) {
+    let now = Instant::now();
+    for kind in [Kind::Messages, Kind::Receipts] {
+        let q = st.queue(kind);
+        for peer in q.ready(now) {
+            let Some(batch) = q.take_batch(&peer, now, BATCH, BATCH_BYTES) else {
+                continue;
+            };
+            let d = d.clone();
+            tokio::spawn(
+                async move {
+                    let result = match kind {
+                        Kind::Messages => send_messages(&d, peer, batch).await,
+                        Kind::Receipts => send_receipts(&d, peer, batch).await,
+                    };
+                    let _ = d.inner.courier.send(Cmd::Done { peer, kind, result }).await;
+                }
+                .in_current_span(),
+            );
+        }
+    }
+}
+
+/// Read envelopes of a batch; ids whose message is gone or already final
+/// are returned as answered.
+fn load_envelopes(d: &Delivery, items: &[Item]) -> Result<(Vec<Envelope>, Vec<String>), String> {
+    let r = d.inner.store.read().map_err(|e| e.to_string())?;
+    let msgs = r.open_table(OUT_MESSAGES).map_err(|e| e.to_string())?;
+    let status = r.open_table(OUT_STATUS).map_err(|e| e.to_string())?;
+    let mut envs = Vec::with_capacity(items.len());
+    let mut gone = Vec::new();
+    for item in items {
+        let tracking: Option<Tracking> = status
+            .get(item.id.as_str())
+            .map_err(|e| e.to_string())?
+            .and_then(|v| records::decode("out_status", v.value()).ok());
+        let env: Option<Envelope> = msgs
+            .get(item.id.as_str())
+            .map_err(|e| e.to_string())?
+            .and_then(|v| records::decode("out_messages", v.value()).ok());
+        match (tracking, env) {
+            (Some(t), Some(e)) if !t.status.is_final() => envs.push(e),
+            _ => gone.push(item.id.clone()),
+        }
+    }
+    Ok((envs, gone))
+}
+
+async fn send_messages(
+    d: &Delivery,
+    peer: PeerId,
+    items: Vec<Item>,
+) -> Result<Vec<String>, String> {
+    let (envs, mut answered) = load_envelopes(d, &items)?;
+    if !answered.is_empty() {
+        // Already final (a receipt overtook us) or gone: drop from the outbox.
+        let (node, ids) = (peer.to_string(), answered.clone());
+        d.inner
+            .store
+            .write(move |txn| {
+                let mut outbox = txn.open_table(OUTBOX)?;
+                for id in &ids {
+                    outbox.remove((node.as_str(), id.as_str()))?;
+                }
+                Ok(())
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    if envs.is_empty() {
+        return Ok(answered);
+    }
+    let sent_at = now_ms();
+    let outcomes = if peer == d.inner.node_id {
+        d.store_local(envs.clone()).await?
+    } else {
+        let result = request_delivery(d, peer, &envs).await;
+        if let Err(e) = &result {
+            note_failure(d, &envs, e).await;
+            refresh_addresses(d, peer, &envs).await;
+        }
+        result?
+    };
+    Stats::add(&d.inner.stats.batches_sent, 1);
+    answered.extend(envs.iter().map(|e| e.id.clone()));
+    apply_outcomes(d, peer, envs, outcomes, sent_at)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(answered)
+}
+
+async fn request_delivery(
+    d: &Delivery,
+    peer: PeerId,
+    envs: &[Envelope],
+) -> Result<Vec<Outcome>, String> {
+    let senders: HashSet<&crate::identity::AgentId> = envs.iter().map(|e| &e.from).collect();
+    let sender_ads = d.inner.discovery.with_registry(|r| {
+        senders
+            .iter()
+            .filter_map(|id| r.get(id).map(|e| e.ad.clone()))
+            .collect()
+    });
+    let payload = wire::encode(&DeliverPayload {
+        to_node: peer.to_string(),
+        sender_ads,
+        messages: envs.to_vec(),
+    });
+    let sig = d
+        .inner
+        .node_key
+        .sign(&wire::signing_bytes_raw("deliver", &payload))
+        .to_vec();
+    let bytes = d
+        .inner
+        .net
+        .request(peer, wire::encode(&Request::Deliver { payload, sig }))
+        .await
+        .map_err(|e| e.to_string())?;
+    match wire::decode::<Response>(&bytes, wire::MAX_FRAME_BYTES).map_err(|e| e.to_string())? {
+        Response::Delivered(o) if o.len() == envs.len() => Ok(o),
+        Response::Delivered(o) => Err(format!(
+            "peer answered {} outcomes for {} messages",
+            o.len(),
+            envs.len()
+        )),
+        Response::Error { message } => Err(format!("peer refused the batch: {message}")),
+        other => Err(format!("unexpected answer {other:?}")),
+    }
+}
+
+/// Record the attempt and its error on each message of a failed batch.
+async fn note_failure(d: &Delivery, envs: &[Envelope], error: &str) {
+    let ids: Vec<String> = envs.iter().map(|e| e.id.clone()).collect();
+    let error = error.to_string();
+    let r = d
+        .inner
+        .store
+        .write(move |txn| {
+            let mut t = txn.open_table(OUT_STATUS)?;
+            for id in &ids {
+                let Some(mut tr) = t
+                    .get(id.as_str())?
+                    .map(|v| records::decode::<Tracking>("out_status", v.value()))
+                    .transpose()?
+                else {
+                    continue;
+                };
+                tr.attempts += 1;
+                tr.last_error = Some(error.clone());
+                tr.advance(Status::Sent, now_ms(), None);
+                t.insert(id.as_str(), wire::encode(&tr).as_slice())?;
+            }
+            Ok(())
+        })
+        .await;
+    if let Err(e) = r {
+        warn!(error = %e, "cannot record a failed attempt");
+    }
+}
+
+/// After a failure, make sure the swarm knows the recipient node's current
+/// addresses: from the registry, else from the DHT.
+async fn refresh_addresses(d: &Delivery, peer: PeerId, envs: &[Envelope]) {
+    let Some(to) = envs.first().map(|e| e.to.clone()) else {
+        return;
+    };
+    let known = d
+        .inner
+        .discovery
+        .with_registry(|r| r.get(&to).map(|e| e.ad.body.node_addrs.clone()));
+    let addrs = match known {
+        Some(a) if !a.is_empty() => a,
+        _ => {
+            let _ = d.inner.discovery.get(&to).await;
+            d.inner
+                .discovery
+                .with_registry(|r| r.get(&to).map(|e| e.ad.body.node_addrs.clone()))
+                .unwrap_or_default()
+        }
+    };
+    let addrs: Vec<_> = addrs.iter().filter_map(|a| a.parse().ok()).collect();
+    if !addrs.is_empty() {
+        let _ = d.inner.net.add_addresses(peer, addrs).await;
+    }
+}
+
+async fn apply_outcomes(
+    d: &Delivery,
+    peer: PeerId,
+    envs: Vec<Envelope>,
+    outcomes: Vec<Outcome>,
+    sent_at: u64,
+) -> Result<(), crate::store::Error> {
+    let node = peer.to_string();
+    let delivered = outcomes
+        .iter()
+        .filter(|o| !matches!(o, Outcome::Rejected(_)))
+        .count();
+    d.inner
+        .store
+        .write(move |txn| {
+            let mut status = txn.open_table(OUT_STATUS)?;
+            let mut outbox = txn.open_table(OUTBOX)?;
+            let now = now_ms();
+            for (env, outcome) in envs.iter().zip(outcomes) {
+                outbox.remove((node.as_str(), env.id.as_str()))?;
+                let Some(mut tr) = status
+                    .get(env.id.as_str())?
+                    .map(|v| records::decode::<Tracking>("out_status", v.value()))
+                    .transpose()?
+                else {
+                    continue;
+                };
+                tr.attempts += 1;
+                tr.advance(Status::Sent, sent_at, None);
+                let _ = match outcome {
+                    Outcome::Stored | Outcome::Duplicate => {
+                        tr.advance(Status::Delivered, now, None)
+                    }
+                    Outcome::Rejected(Rejection::Expired) => tr.advance(
+                        Status::Expired,
+                        now,
+                        Some("expired before it reached the recipient".into()),
+                    ),
+                    Outcome::Rejected(Rejection::Denied(why)) => {
+                        tr.advance(Status::Denied, now, Some(why))
+                    }
+                    Outcome::Rejected(Rejection::UnknownRecipient) => tr.advance(
+                        Status::Failed,
+                        now,
+                        Some(format!("agent {} is not registered on node {node}", env.to)),
+                    ),
+                    Outcome::Rejected(Rejection::Invalid(why)) => {
+                        tr.advance(Status::Failed, now, Some(why))
+                    }
+                };
+                status.insert(env.id.as_str(), wire::encode(&tr).as_slice())?;
+            }
+            Ok(())
+        })
+        .await?;
+    Stats::add(&d.inner.stats.delivered, delivered);
+    Ok(())
+}
+
+async fn send_receipts(
+    d: &Delivery,
+    peer: PeerId,
+    items: Vec<Item>,
+) -> Result<Vec<String>, String> {
+    let node = peer.to_string();
+    let (receipts, mut answered) = {
+        let r = d.inner.store.read().map_err(|e| e.to_string())?;
+        let t = r.open_table(RECEIPTS_OUT).map_err(|e| e.to_string())?;
+        let mut rs: Vec<Receipt> = Vec::new();
+        let mut gone = Vec::new();
+        for item in &items {
+            match t
+                .get((node.as_str(), item.id.as_str()))
+                .map_err(|e| e.to_string())?
+            {
+                Some(v) => match records::decode::<Receipt>("receipts_out", v.value()) {
+                    Ok(rc) => rs.push(rc),
+                    Err(_) => gone.push(item.id.clone()),
+                },
+                None => gone.push(item.id.clone()),
+            }
+        }
+        (rs, gone)
+    };
+    if receipts.is_empty() {
+        return Ok(answered);
+    }
+    if peer == d.inner.node_id {
+        d.apply_receipt_list(peer, receipts.clone())
+            .await
+            .map_err(|e| e.to_string())?;
+    } else {
+        let payload = wire::encode(&ReceiptPayload {
+            to_node: node.clone(),
+            receipts: receipts.clone(),
+        });
+        let sig = d
+            .inner
+            .node_key
+            .sign(&wire::signing_bytes_raw("receipts", &payload))
+            .to_vec();
+        let bytes = d
+            .inner
+            .net
+            .request(peer, wire::encode(&Request::Receipts { payload, sig }))
+            .await
+            .map_err(|e| e.to_string())?;
+        match wire::decode::<Response>(&bytes, wire::MAX_FRAME_BYTES).map_err(|e| e.to_string())? {
+            Response::Ack => {}
+            Response::Error { message } => return Err(format!("peer refused receipts: {message}")),
+            other => return Err(format!("unexpected answer {other:?}")),
+        }
+    }
+    let ids: Vec<String> = receipts.iter().map(|r| r.message_id.clone()).collect();
+    answered.extend(ids.iter().cloned());
+    d.inner
+        .store
+        .write(move |txn| {
+            let mut t = txn.open_table(RECEIPTS_OUT)?;
+            for id in &ids {
+                t.remove((node.as_str(), id.as_str()))?;
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(answered)
+}
+
+/// Expire queued messages past their TTL.
+async fn expire(d: &Delivery, st: &mut State) {
+    let now = now_ms();
+    let gone = st.messages.take_expired(now);
+    if gone.is_empty() {
+        return;
+    }
+    let n = gone.len();
+    let r = d
+        .inner
+        .store
+        .write(move |txn| {
+            let mut status = txn.open_table(OUT_STATUS)?;
+            let mut outbox = txn.open_table(OUTBOX)?;
+            for (peer, item) in &gone {
+                outbox.remove((peer.to_string().as_str(), item.id.as_str()))?;
+                let Some(mut tr) = status
+                    .get(item.id.as_str())?
+                    .map(|v| records::decode::<Tracking>("out_status", v.value()))
+                    .transpose()?
+                else {
+                    continue;
+                };
+                let detail = match &tr.last_error {
+                    Some(e) => format!("TTL elapsed before delivery (last error: {e})"),
+                    None => "TTL elapsed before delivery".to_string(),
+                };
+                tr.advance(Status::Expired, now, Some(detail));
+                status.insert(item.id.as_str(), wire::encode(&tr).as_slice())?;
+            }
+            Ok(())
+        })
+        .await;
+    match r {
+        Ok(()) => Stats::add(&d.inner.stats.expired, n),
+        Err(e) => warn!(error = %e, "cannot record expired messages"),
+    }
+}

@@ -1,0 +1,585 @@
+//! The receiving side: verify and store incoming batches (answering only
+//! after the commit), lease messages to agents, take acks, dead-letter what
+//! is never acked, and queue receipts back to the senders.
+//!
+//! The database is the truth; an in-memory index of pending entries per
+//! agent (rebuilt at start) only saves scanning it on every poll.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use libp2p::PeerId;
+use redb::ReadableTable;
+use tokio::sync::Notify;
+use tracing::warn;
+
+use super::queue::Item;
+use super::records::{self, InboxRecord, InboxState};
+use super::{Delivery, Error, MAX_POLL, MAX_WAIT_SECS, Stats, courier, ids, verify_node_sig};
+use crate::discovery::ad;
+use crate::identity::AgentId;
+use crate::store::tables::{INBOX, RECEIPTS_OUT, REPLIES};
+use crate::time::now_ms;
+use crate::wire::envelope::{DeliverPayload, MAX_BATCH_BYTES, MAX_BATCH_MESSAGES};
+use crate::wire::{self, Envelope, Outcome, Receipt, ReceiptKind, Rejection};
+
+/// A message handed to an agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InboxMessage {
+    /// The envelope.
+    pub envelope: Envelope,
+    /// Arrival at this node, ms.
+    pub received_at_ms: u64,
+    /// Offers so far, this one included.
+    pub delivery_count: u32,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Slot {
+    lease_until_ms: u64,
+    delivery_count: u32,
+    expires_at_ms: u64,
+}
+
+#[derive(Debug, Default)]
+struct AgentBox {
+    /// Pending entries by message id (ids sort by creation time, so each
+    /// sender's order is kept).
+    pending: BTreeMap<String, Slot>,
+    notify: Arc<Notify>,
+}
+
+/// Index of pending inbox entries per local agent.
+#[derive(Debug, Default)]
+pub(crate) struct Inboxes {
+    boxes: Mutex<HashMap<AgentId, AgentBox>>,
+}
+
+impl Inboxes {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<AgentId, AgentBox>> {
+        self.boxes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn notify(&self, agent: &AgentId) -> Arc<Notify> {
+        self.lock().entry(agent.clone()).or_default().notify.clone()
+    }
+}
+
+/// What selection decided for one agent's poll.
+struct Selection {
+    offer: Vec<String>,
+    dead: Vec<String>,
+    expired: Vec<String>,
+}
+
+impl Delivery {
+    /// Rebuild the pending index from the database.
+    pub(crate) fn load_inboxes(&self) -> Result<(), Error> {
+        let r = self.inner.store.read()?;
+        let t = r.open_table(INBOX).map_err(crate::store::Error::from)?;
+        let mut boxes = self.inner.inboxes.lock();
+        for row in t.iter().map_err(crate::store::Error::from)? {
+            let (k, v) = row.map_err(crate::store::Error::from)?;
+            let (agent, id) = k.value();
+            let rec: InboxRecord = records::decode("inbox", v.value())?;
+            if rec.state != InboxState::Pending {
+                continue;
+            }
+            let Ok(agent) = agent.parse::<AgentId>() else {
+                warn!(agent, "inbox entry of an unreadable agent id skipped");
+                continue;
+            };
+            boxes.entry(agent).or_default().pending.insert(
+                id.to_string(),
+                Slot {
+                    lease_until_ms: rec.lease_until_ms,
+                    delivery_count: rec.delivery_count,
+                    expires_at_ms: rec.expires_at_ms,
+                },
+            );
+        }
+        Ok(())
+    }
+
+    /// A batch from a peer: verify, check each message, store, answer.
+    pub(crate) async fn accept_batch(
+        &self,
+        peer: PeerId,
+        payload: &[u8],
+        sig: &[u8],
+    ) -> Result<Vec<Outcome>, String> {
+        if payload.len() > MAX_BATCH_BYTES {
+            return Err(format!(
+                "batch of {} bytes exceeds {MAX_BATCH_BYTES}",
+                payload.len()
+            ));
+        }
+        verify_node_sig(&peer, "deliver", payload, sig)?;
+        let p: DeliverPayload =
+            wire::decode(payload, MAX_BATCH_BYTES).map_err(|e| e.to_string())?;
+        if p.to_node != self.inner.node_id.to_string() {
+            return Err(format!(
+                "batch is addressed to node {}, not this one",
+                p.to_node
+            ));
+        }
+        if p.messages.len() > MAX_BATCH_MESSAGES {
+            return Err(format!(
+                "batch of {} messages exceeds {MAX_BATCH_MESSAGES}",
+                p.messages.len()
+            ));
+        }
+        // Which agents the sending node may speak for: ads it sent (verified
+        // here) and ads already in our registry.
+        let now = now_ms();
+        let mut hosted: HashMap<AgentId, String> = HashMap::new();
+        let mut fresh = Vec::new();
+        for a in p.sender_ads {
+            let known = self
+                .inner
+                .discovery
+                .with_registry(|r| r.get(&a.body.agent_id).is_some_and(|e| e.ad == a));
+            if known || ad::verify(&a, now).is_ok() {
+                hosted.insert(a.body.agent_id.clone(), a.body.node_id.clone());
+                if !known {
+                    fresh.push(a);
+                }
+            }
+        }
+        if !fresh.is_empty() {
+            self.inner.discovery.ingest(fresh).await;
+        }
+        let peer_str = peer.to_string();
+        let checked = p
+            .messages
+            .into_iter()
+            .map(|env| {
+                let node = hosted.get(&env.from).cloned().or_else(|| {
+                    self.inner
+                        .discovery
+                        .with_registry(|r| r.get(&env.from).map(|e| e.ad.body.node_id.clone()))
+                });
+                let verdict = if node.as_deref() != Some(peer_str.as_str()) {
+                    Some(Rejection::Invalid(format!(
+                        "sender agent {} is not hosted by the sending node",
+                        env.from
+                    )))
+                } else {
+                    self.check(&env, now)
+                };
+                (env, verdict)
+            })
+            .collect();
+        self.store_checked(peer, checked)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    /// Messages between agents of this node: the same checks and storage,
+    /// no network.
+    pub(crate) async fn store_local(&self, envs: Vec<Envelope>) -> Result<Vec<Outcome>, String> {
+        let now = now_ms();
+        let checked = envs
+            .into_iter()
+            .map(|e| {
+                let v = self.check(&e, now);
+                (e, v)
+            })
+            .collect();
+        self.store_checked(self.inner.node_id, checked)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    /// Admission checks for one message; `None` means accept. Policy checks
+    /// (governance) belong here, before anything reaches an inbox.
+    fn check(&self, env: &Envelope, now: u64) -> Option<Rejection> {
+        if !ids::is_valid(&env.id) {
+            return Some(Rejection::Invalid(format!(
+                "{:?} is not a message id",
+                env.id
+            )));
+        }
+        if env.expires_at_ms <= now {
+            return Some(Rejection::Expired);
+        }
+        if env.body_json.len() > self.inner.cfg.max_body_bytes {
+            return Some(Rejection::Invalid(format!(
+                "body of {} bytes exceeds the recipient node's limit of {}",
+                env.body_json.len(),
+                self.inner.cfg.max_body_bytes
+            )));
+        }
+        if serde_json::from_str::<serde::de::IgnoredAny>(&env.body_json).is_err() {
+            return Some(Rejection::Invalid("body is not valid JSON".into()));
+        }
+        if self.inner.discovery.local_agent(&env.to).is_none() {
+            return Some(Rejection::UnknownRecipient);
+        }
+        None
+    }
+
+    async fn store_checked(
+        &self,
+        from_node: PeerId,
+        checked: Vec<(Envelope, Option<Rejection>)>,
+    ) -> Result<Vec<Outcome>, crate::store::Error> {
+        let node = from_node.to_string();
+        let (outcomes, stored) = self
+            .inner
+            .store
+            .write(move |txn| {
+                let mut inbox = txn.open_table(INBOX)?;
+                let mut replies = txn.open_table(REPLIES)?;
+                let now = now_ms();
+                let mut outcomes = Vec::with_capacity(checked.len());
+                let mut stored = Vec::new();
+                for (env, verdict) in checked {
+                    if let Some(r) = verdict {
+                        outcomes.push(Outcome::Rejected(r));
+                        continue;
+                    }
+                    let key = (env.to.as_str(), env.id.as_str());
+                    if inbox.get(key)?.is_some() {
+                        outcomes.push(Outcome::Duplicate);
+                        continue;
+                    }
+                    let rec = InboxRecord {
+                        from_node: node.clone(),
+                        state: InboxState::Pending,
+                        received_at_ms: now,
+                        delivery_count: 0,
+                        lease_until_ms: 0,
+                        expires_at_ms: env.expires_at_ms,
+                        envelope: Some(env.clone()),
+                    };
+                    inbox.insert(key, wire::encode(&rec).as_slice())?;
+                    if let Some(orig) = &env.reply_to {
+                        replies.insert((orig.as_str(), env.id.as_str()), ())?;
+                    }
+                    stored.push((env.to.clone(), env.id.clone(), env.expires_at_ms));
+                    outcomes.push(Outcome::Stored);
+                }
+                Ok((outcomes, stored))
+            })
+            .await?;
+        let s = &self.inner.stats;
+        Stats::add(&s.inbox_stored, stored.len());
+        Stats::add(
+            &s.inbox_duplicates,
+            outcomes
+                .iter()
+                .filter(|o| **o == Outcome::Duplicate)
+                .count(),
+        );
+        Stats::add(
+            &s.inbox_rejected,
+            outcomes
+                .iter()
+                .filter(|o| matches!(o, Outcome::Rejected(_)))
+                .count(),
+        );
+        let mut wake = Vec::new();
+        {
+            let mut boxes = self.inner.inboxes.lock();
+            for (agent, id, expires_at_ms) in stored {
+                let b = boxes.entry(agent).or_default();
+                b.pending.insert(
+                    id,
+                    Slot {
+                        lease_until_ms: 0,
+                        delivery_count: 0,
+                        expires_at_ms,
+                    },
+                );
+                wake.push(b.notify.clone());
+            }
+        }
+        for n in wake {
+            n.notify_waiters();
+        }
+        Ok(outcomes)
+    }
+
+    fn select(&self, agent: &AgentId, max: usize, now: u64) -> Selection {
+        let lease = self.inner.cfg.lease.as_millis() as u64;
+        let max_deliveries = self.inner.cfg.max_deliveries;
+        let mut boxes = self.inner.inboxes.lock();
+        let mut sel = Selection {
+            offer: Vec::new(),
+            dead: Vec::new(),
+            expired: Vec::new(),
+        };
+        let Some(b) = boxes.get_mut(agent) else {
+            return sel;
+        };
+        for (id, slot) in b.pending.iter_mut() {
+            if sel.offer.len() >= max {
+                break;
+            }
+            if slot.lease_until_ms > now {
+                continue;
+            }
+            if slot.expires_at_ms <= now {
+                sel.expired.push(id.clone());
+            } else if slot.delivery_count >= max_deliveries {
+                sel.dead.push(id.clone());
+            } else {
+                slot.lease_until_ms = now + lease;
+                slot.delivery_count += 1;
+                sel.offer.push(id.clone());
+            }
+        }
+        for id in sel.dead.iter().chain(&sel.expired) {
+            b.pending.remove(id);
+        }
+        sel
+    }
+
+    fn unselect(&self, agent: &AgentId, ids: &[String]) {
+        let mut boxes = self.inner.inboxes.lock();
+        if let Some(b) = boxes.get_mut(agent) {
+            for id in ids {
+                if let Some(s) = b.pending.get_mut(id) {
+                    s.lease_until_ms = 0;
+                    s.delivery_count = s.delivery_count.saturating_sub(1);
+                }
+            }
+        }
+    }
+
+    /// Lease up to `max` messages to a local agent now (no waiting).
+    pub async fn offer(&self, agent: &AgentId, max: usize) -> Result<Vec<InboxMessage>, Error> {
+        if self.inner.discovery.local_agent(agent).is_none() {
+            return Err(Error::AgentNotLocal(agent.clone()));
+        }
+        let now = now_ms();
+        let sel = self.select(agent, max.clamp(1, MAX_POLL), now);
+        if sel.offer.is_empty() && sel.dead.is_empty() && sel.expired.is_empty() {
+            return Ok(Vec::new());
+        }
+        let lease_until = now + self.inner.cfg.lease.as_millis() as u64;
+        let a = agent.clone();
+        let offer = sel.offer.clone();
+        let (dead, expired) = (sel.dead.clone(), sel.expired.clone());
+        let result = self
+            .inner
+            .store
+            .write(move |txn| {
+                let mut inbox = txn.open_table(INBOX)?;
+                let mut receipts = txn.open_table(RECEIPTS_OUT)?;
+                let mut out = Vec::with_capacity(offer.len());
+                let mut queued = Vec::new();
+                for id in &offer {
+                    let Some(mut rec) = inbox
+                        .get((a.as_str(), id.as_str()))?
+                        .map(|v| records::decode::<InboxRecord>("inbox", v.value()))
+                        .transpose()?
+                    else {
+                        continue;
+                    };
+                    if rec.state != InboxState::Pending {
+                        continue;
+                    }
+                    rec.delivery_count += 1;
+                    rec.lease_until_ms = lease_until;
+                    inbox.insert((a.as_str(), id.as_str()), wire::encode(&rec).as_slice())?;
+                    if let Some(env) = rec.envelope {
+                        out.push(InboxMessage {
+                            envelope: env,
+                            received_at_ms: rec.received_at_ms,
+                            delivery_count: rec.delivery_count,
+                        });
+                    }
+                }
+                for (ids, final_state) in [
+                    (&dead, InboxState::DeadLetter),
+                    (&expired, InboxState::Expired),
+                ] {
+                    for id in ids {
+                        let Some(mut rec) = inbox
+                            .get((a.as_str(), id.as_str()))?
+                            .map(|v| records::decode::<InboxRecord>("inbox", v.value()))
+                            .transpose()?
+                        else {
+                            continue;
+                        };
+                        let kind = match final_state {
+                            InboxState::DeadLetter => ReceiptKind::DeadLetter {
+                                deliveries: rec.delivery_count,
+                            },
+                            _ => ReceiptKind::Expired,
+                        };
+                        rec.state = final_state;
+                        rec.envelope = None;
+                        rec.lease_until_ms = 0;
+                        inbox.insert((a.as_str(), id.as_str()), wire::encode(&rec).as_slice())?;
+                        let receipt = Receipt {
+                            message_id: id.clone(),
+                            kind,
+                            at_ms: now,
+                        };
+                        receipts.insert(
+                            (rec.from_node.as_str(), id.as_str()),
+                            wire::encode(&receipt).as_slice(),
+                        )?;
+                        queued.push((rec.from_node.clone(), id.clone()));
+                    }
+                }
+                Ok((out, queued))
+            })
+            .await;
+        match result {
+            Ok((out, queued)) => {
+                Stats::add(&self.inner.stats.dead_lettered, sel.dead.len());
+                Stats::add(&self.inner.stats.expired, sel.expired.len());
+                self.queue_receipts(queued).await;
+                Ok(out)
+            }
+            Err(e) => {
+                self.unselect(agent, &sel.offer);
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Long-poll: lease up to `max` messages, waiting up to `wait` for some.
+    pub async fn poll(
+        &self,
+        agent: &AgentId,
+        wait: Duration,
+        max: usize,
+    ) -> Result<Vec<InboxMessage>, Error> {
+        let wait = wait.min(Duration::from_secs(MAX_WAIT_SECS));
+        let deadline = tokio::time::Instant::now() + wait;
+        let notify = self.inner.inboxes.notify(agent);
+        loop {
+            let notified = notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let got = self.offer(agent, max).await?;
+            if !got.is_empty() || tokio::time::Instant::now() >= deadline {
+                return Ok(got);
+            }
+            // Wake for new messages, for the next lease to lapse, or at the deadline.
+            let next_lease = self.next_lease_expiry(agent).map(|ms| {
+                tokio::time::Instant::now() + Duration::from_millis(ms.saturating_sub(now_ms()) + 1)
+            });
+            let until = next_lease.map_or(deadline, |t| t.min(deadline));
+            tokio::select! {
+                _ = &mut notified => {}
+                _ = tokio::time::sleep_until(until) => {}
+            }
+        }
+    }
+
+    fn next_lease_expiry(&self, agent: &AgentId) -> Option<u64> {
+        let now = now_ms();
+        let boxes = self.inner.inboxes.lock();
+        boxes
+            .get(agent)?
+            .pending
+            .values()
+            .filter(|s| s.lease_until_ms > now)
+            .map(|s| s.lease_until_ms)
+            .min()
+    }
+
+    /// Acknowledge a message; `result_json` travels back in the receipt.
+    /// Acking an already-acknowledged message succeeds again.
+    pub async fn ack(
+        &self,
+        agent: &AgentId,
+        id: &str,
+        result_json: Option<String>,
+    ) -> Result<(), Error> {
+        if self.inner.discovery.local_agent(agent).is_none() {
+            return Err(Error::AgentNotLocal(agent.clone()));
+        }
+        let (a, mid) = (agent.clone(), id.to_string());
+        let outcome = self
+            .inner
+            .store
+            .write(move |txn| {
+                let mut inbox = txn.open_table(INBOX)?;
+                let Some(mut rec) = inbox
+                    .get((a.as_str(), mid.as_str()))?
+                    .map(|v| records::decode::<InboxRecord>("inbox", v.value()))
+                    .transpose()?
+                else {
+                    return Ok(Err(Error::UnknownMessage(mid)));
+                };
+                match rec.state {
+                    InboxState::Acked => return Ok(Ok(None)),
+                    InboxState::DeadLetter => {
+                        return Ok(Err(Error::NotPending {
+                            id: mid,
+                            state: "dead-lettered",
+                        }));
+                    }
+                    InboxState::Expired => {
+                        return Ok(Err(Error::NotPending {
+                            id: mid,
+                            state: "expired",
+                        }));
+                    }
+                    InboxState::Pending => {}
+                }
+                rec.state = InboxState::Acked;
+                rec.envelope = None;
+                rec.lease_until_ms = 0;
+                inbox.insert((a.as_str(), mid.as_str()), wire::encode(&rec).as_slice())?;
+                let receipt = Receipt {
+                    message_id: mid.clone(),
+                    kind: ReceiptKind::Processed { result_json },
+                    at_ms: now_ms(),
+                };
+                txn.open_table(RECEIPTS_OUT)?.insert(
+                    (rec.from_node.as_str(), mid.as_str()),
+                    wire::encode(&receipt).as_slice(),
+                )?;
+                Ok(Ok(Some(rec.from_node)))
+            })
+            .await??;
+        if let Some(b) = self.inner.inboxes.lock().get_mut(agent) {
+            b.pending.remove(id);
+        }
+        if let Some(node) = outcome {
+            Stats::add(&self.inner.stats.acked, 1);
+            self.queue_receipts(vec![(node, id.to_string())]).await;
+        }
+        Ok(())
+    }
+
+    async fn queue_receipts(&self, rows: Vec<(String, String)>) {
+        if rows.is_empty() {
+            return;
+        }
+        let items = rows
+            .into_iter()
+            .filter_map(|(node, id)| {
+                node.parse::<PeerId>().ok().map(|p| {
+                    (
+                        p,
+                        Item {
+                            id,
+                            expires_at_ms: u64::MAX,
+                            size: 128,
+                        },
+                    )
+                })
+            })
+            .collect();
+        let _ = self.inner.courier.send(courier::Cmd::Receipts(items)).await;
+    }
+
+    /// Messages waiting (not yet acknowledged) for a local agent.
+    pub fn pending_count(&self, agent: &AgentId) -> usize {
+        self.inner
+            .inboxes
+            .lock()
+            .get(agent)
+            .map_or(0, |b| b.pending.len())
+    }
+}

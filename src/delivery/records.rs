@@ -1,0 +1,261 @@
+//! What delivery keeps on disk: tracking of sent messages, inbox entries,
+//! idempotency records; and the status state machine.
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::identity::AgentId;
+use crate::store;
+use crate::wire::{self, Envelope};
+
+/// Most history entries kept per message (the first and the latest win).
+const MAX_HISTORY: usize = 32;
+
+/// Where a sent message stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Status {
+    /// Committed to the outbox.
+    Queued,
+    /// Handed to the network.
+    Sent,
+    /// Committed to the recipient's inbox.
+    Delivered,
+    /// The recipient acknowledged it.
+    Processed,
+    /// Refused by the recipient's node; not retried.
+    Failed,
+    /// Its TTL ran out before it was processed.
+    Expired,
+    /// A policy refused it.
+    Denied,
+    /// Offered too many times without an ack.
+    DeadLetter,
+}
+
+impl Status {
+    /// The API name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Queued => "queued",
+            Status::Sent => "sent",
+            Status::Delivered => "delivered",
+            Status::Processed => "processed",
+            Status::Failed => "failed",
+            Status::Expired => "expired",
+            Status::Denied => "denied",
+            Status::DeadLetter => "dead_letter",
+        }
+    }
+
+    /// No further change is possible.
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            Status::Processed
+                | Status::Failed
+                | Status::Expired
+                | Status::Denied
+                | Status::DeadLetter
+        )
+    }
+
+    fn rank(self) -> u8 {
+        match self {
+            Status::Queued => 0,
+            Status::Sent => 1,
+            Status::Delivered => 2,
+            _ => 3,
+        }
+    }
+}
+
+/// One step of a message's history.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistoryEntry {
+    /// The status entered.
+    pub status: Status,
+    /// When, ms since the epoch.
+    pub at_ms: u64,
+    /// Why, when it matters.
+    pub detail: Option<String>,
+}
+
+/// Sender-side tracking of one message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tracking {
+    /// Recipient agent.
+    pub to: AgentId,
+    /// Its handle when sent.
+    pub to_handle: String,
+    /// Its node.
+    pub to_node: String,
+    /// Current status.
+    pub status: Status,
+    /// Send attempts so far.
+    pub attempts: u32,
+    /// Created, ms.
+    pub created_at_ms: u64,
+    /// Last change, ms.
+    pub updated_at_ms: u64,
+    /// Expiry, ms.
+    pub expires_at_ms: u64,
+    /// Steps so far.
+    pub history: Vec<HistoryEntry>,
+    /// Latest send error while retrying.
+    pub last_error: Option<String>,
+    /// The recipient's `result`, as JSON text.
+    pub result_json: Option<String>,
+}
+
+impl Tracking {
+    /// A freshly queued message.
+    pub fn queued(env: &Envelope, to_handle: &str, to_node: &str) -> Self {
+        Tracking {
+            to: env.to.clone(),
+            to_handle: to_handle.to_string(),
+            to_node: to_node.to_string(),
+            status: Status::Queued,
+            attempts: 0,
+            created_at_ms: env.created_at_ms,
+            updated_at_ms: env.created_at_ms,
+            expires_at_ms: env.expires_at_ms,
+            history: vec![HistoryEntry {
+                status: Status::Queued,
+                at_ms: env.created_at_ms,
+                detail: None,
+            }],
+            last_error: None,
+            result_json: None,
+        }
+    }
+
+    /// Move to `status`; returns false (and changes nothing) when the move
+    /// is not forward: final states stay final, and a late "delivered"
+    /// never overwrites "processed".
+    pub fn advance(&mut self, status: Status, at_ms: u64, detail: Option<String>) -> bool {
+        if self.status.is_final() || status.rank() < self.status.rank() || status == self.status {
+            return false;
+        }
+        self.status = status;
+        self.updated_at_ms = self.updated_at_ms.max(at_ms);
+        if self.history.len() >= MAX_HISTORY {
+            self.history.remove(1);
+        }
+        self.history.push(HistoryEntry {
+            status,
+            at_ms,
+            detail,
+        });
+        true
+    }
+}
+
+/// State of an inbox entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum InboxState {
+    /// Waiting for (another) offer to the agent.
+    Pending,
+    /// Acknowledged; the body is gone, the entry remains to recognise duplicates.
+    Acked,
+    /// Offered `max_deliveries` times without an ack.
+    DeadLetter,
+    /// Expired before it was acknowledged.
+    Expired,
+}
+
+/// A received message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InboxRecord {
+    /// The message (dropped once it reaches a final state).
+    pub envelope: Option<Envelope>,
+    /// Node that sent it (receipts go there).
+    pub from_node: String,
+    /// Where it stands.
+    pub state: InboxState,
+    /// Arrival, ms.
+    pub received_at_ms: u64,
+    /// Offers so far.
+    pub delivery_count: u32,
+    /// Leased to the agent until, ms (0: not leased).
+    pub lease_until_ms: u64,
+    /// Expiry, ms (kept after the body is dropped, for clean-up).
+    pub expires_at_ms: u64,
+}
+
+/// An idempotency record: what a `(sender, key)` produced.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdemRecord {
+    /// `(message id, recipient)` in the order first answered.
+    pub messages: Vec<(String, AgentId)>,
+    /// Whether the first answer was a fan-out (`strategy: all`).
+    pub fan_out: bool,
+    /// After this the key may be reused.
+    pub expires_at_ms: u64,
+}
+
+/// Decode a stored value, naming the table when it is corrupt.
+pub fn decode<T: DeserializeOwned>(table: &'static str, bytes: &[u8]) -> Result<T, store::Error> {
+    wire::decode(bytes, wire::MAX_FRAME_BYTES).map_err(|e| store::Error::Corrupt {
+        table,
+        reason: e.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t() -> Tracking {
+        let k = crate::identity::generate_key().unwrap();
+        let id = AgentId::from_public(&k.verifying_key().to_bytes());
+        let env = Envelope {
+            id: "x".into(),
+            from: id.clone(),
+            from_handle: "a".into(),
+            to: id,
+            subject: None,
+            body_json: "{}".into(),
+            reply_to: None,
+            created_at_ms: 1,
+            expires_at_ms: 100,
+            trace_id: "x".into(),
+            delegation_json: None,
+        };
+        Tracking::queued(&env, "b", "node")
+    }
+
+    #[test]
+    fn status_only_moves_forward() {
+        let mut t = t();
+        assert!(t.advance(Status::Sent, 2, None));
+        assert!(t.advance(Status::Delivered, 3, None));
+        assert!(!t.advance(Status::Sent, 4, None), "no going back");
+        assert!(t.advance(Status::Processed, 5, None));
+        assert!(!t.advance(Status::Expired, 6, None), "final stays final");
+        assert_eq!(t.history.len(), 4);
+        assert_eq!(t.status, Status::Processed);
+    }
+
+    #[test]
+    fn receipt_may_overtake_the_delivery_answer() {
+        let mut t = t();
+        assert!(t.advance(Status::Processed, 5, None));
+        assert!(!t.advance(Status::Delivered, 4, None));
+        assert_eq!(t.status, Status::Processed);
+    }
+
+    #[test]
+    fn history_is_bounded() {
+        let mut t = t();
+        for i in 0..100 {
+            t.status = Status::Queued;
+            t.advance(Status::Sent, i, None);
+        }
+        assert!(t.history.len() <= MAX_HISTORY);
+        assert_eq!(
+            t.history[0].status,
+            Status::Queued,
+            "the first entry is kept"
+        );
+    }
+}

@@ -1,0 +1,249 @@
+//! Accepting a message from a local agent: checks, routing, idempotency,
+//! and the durable commit that precedes the answer.
+
+use std::time::Duration;
+
+use libp2p::PeerId;
+use redb::ReadableTable;
+
+use super::queue::Item;
+use super::records::{self, IdemRecord, Tracking};
+use super::{Delivery, Error, MAX_TTL_SECS, Stats, courier, ids};
+use crate::identity::AgentId;
+use crate::routing::{Address, Recipient};
+use crate::store::tables::{IDEMPOTENCY, OUT_MESSAGES, OUT_STATUS, OUTBOX, REPLIES};
+use crate::time::now_ms;
+use crate::wire::{self, Envelope};
+
+/// Longest idempotency key.
+const MAX_IDEMPOTENCY_KEY: usize = 256;
+/// Longest subject.
+const MAX_SUBJECT: usize = 1024;
+
+/// A message to send.
+#[derive(Debug, Clone)]
+pub struct SendRequest {
+    /// Local sending agent.
+    pub from: AgentId,
+    /// Where it goes.
+    pub to: Address,
+    /// Body, as JSON text.
+    pub body_json: String,
+    /// Subject.
+    pub subject: Option<String>,
+    /// Message being answered.
+    pub reply_to: Option<String>,
+    /// Lifetime; the node default when `None`.
+    pub ttl: Option<Duration>,
+    /// Same key from the same agent within the TTL: same result, nothing resent.
+    pub idempotency_key: Option<String>,
+    /// Delegation chain (JSON text), carried for governance.
+    pub delegation_json: Option<String>,
+    /// Trace id to continue (defaults to the reply's original trace or a new one).
+    pub trace_id: Option<String>,
+}
+
+/// What was queued.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sent {
+    /// `(message id, recipient)` per recipient.
+    pub messages: Vec<(String, AgentId)>,
+    /// The address fanned out (`strategy: all`).
+    pub fan_out: bool,
+    /// An earlier send with the same idempotency key answered this.
+    pub replayed: bool,
+}
+
+impl Delivery {
+    /// Queue a message durably and hand it to the courier.
+    pub async fn send(&self, req: SendRequest) -> Result<Sent, Error> {
+        let from = self
+            .inner
+            .discovery
+            .local_agent(&req.from)
+            .ok_or_else(|| Error::SenderNotLocal(req.from.to_string()))?;
+        let limit = self.inner.cfg.max_body_bytes;
+        if req.body_json.len() > limit {
+            return Err(Error::BodyTooLarge {
+                size: req.body_json.len(),
+                limit,
+            });
+        }
+        if req.subject.as_ref().is_some_and(|s| s.len() > MAX_SUBJECT) {
+            return Err(Error::Invalid(format!(
+                "subject is over {MAX_SUBJECT} bytes"
+            )));
+        }
+        if let Some(r) = &req.reply_to
+            && !ids::is_valid(r)
+        {
+            return Err(Error::Invalid(format!(
+                "reply_to {r:?} is not a message id"
+            )));
+        }
+        if let Some(k) = &req.idempotency_key
+            && (k.is_empty() || k.len() > MAX_IDEMPOTENCY_KEY)
+        {
+            return Err(Error::Invalid(format!(
+                "idempotency_key must be 1 to {MAX_IDEMPOTENCY_KEY} bytes"
+            )));
+        }
+        let ttl = req.ttl.unwrap_or(self.inner.cfg.default_ttl);
+        if ttl.is_zero() || ttl.as_secs() > MAX_TTL_SECS {
+            return Err(Error::Invalid(format!(
+                "ttl_secs must be between 1 and {MAX_TTL_SECS}"
+            )));
+        }
+        let now = now_ms();
+        if let Some(key) = &req.idempotency_key
+            && let Some(prev) = self.idempotent_answer(&req.from, key, now)?
+        {
+            return Ok(prev);
+        }
+        let fan_out = matches!(
+            req.to,
+            Address::Capability {
+                strategy: crate::routing::Strategy::All,
+                ..
+            }
+        );
+        let recipients = self.inner.router.resolve(&req.to).await?;
+        let expires = now + ttl.as_millis() as u64;
+        let mut prepared: Vec<(Envelope, Tracking, Recipient)> =
+            Vec::with_capacity(recipients.len());
+        for r in recipients {
+            let id = self.inner.ids.next(now);
+            let env = Envelope {
+                trace_id: req.trace_id.clone().unwrap_or_else(|| id.clone()),
+                id,
+                from: req.from.clone(),
+                from_handle: from.handle.clone(),
+                to: r.agent_id.clone(),
+                subject: req.subject.clone(),
+                body_json: req.body_json.clone(),
+                reply_to: req.reply_to.clone(),
+                created_at_ms: now,
+                expires_at_ms: expires,
+                delegation_json: req.delegation_json.clone(),
+            };
+            let tracking = Tracking::queued(&env, &r.handle, &r.node_id.to_string());
+            prepared.push((env, tracking, r));
+        }
+        let idem = req.idempotency_key.clone().map(|k| {
+            (
+                k,
+                IdemRecord {
+                    messages: prepared
+                        .iter()
+                        .map(|(e, _, _)| (e.id.clone(), e.to.clone()))
+                        .collect(),
+                    fan_out,
+                    expires_at_ms: expires,
+                },
+            )
+        });
+        let rows: Vec<(Envelope, Tracking)> = prepared
+            .iter()
+            .map(|(e, t, _)| (e.clone(), t.clone()))
+            .collect();
+        let from_id = req.from.clone();
+        let existing = self
+            .inner
+            .store
+            .write(move |txn| {
+                if let Some((key, rec)) = &idem {
+                    let mut t = txn.open_table(IDEMPOTENCY)?;
+                    if let Some(v) = t.get((from_id.as_str(), key.as_str()))? {
+                        let prev: IdemRecord = records::decode("idempotency", v.value())?;
+                        if prev.expires_at_ms > now {
+                            // Checked inside the writer: concurrent retries cannot both send.
+                            return Ok(Some(prev));
+                        }
+                    }
+                    t.insert(
+                        (from_id.as_str(), key.as_str()),
+                        wire::encode(rec).as_slice(),
+                    )?;
+                }
+                let mut msgs = txn.open_table(OUT_MESSAGES)?;
+                let mut status = txn.open_table(OUT_STATUS)?;
+                let mut outbox = txn.open_table(OUTBOX)?;
+                let mut replies = txn.open_table(REPLIES)?;
+                for (env, tr) in &rows {
+                    let bytes = wire::encode(env);
+                    msgs.insert(env.id.as_str(), bytes.as_slice())?;
+                    status.insert(env.id.as_str(), wire::encode(tr).as_slice())?;
+                    outbox.insert(
+                        (tr.to_node.as_str(), env.id.as_str()),
+                        (env.expires_at_ms, bytes.len() as u64),
+                    )?;
+                    if let Some(orig) = &env.reply_to {
+                        replies.insert((orig.as_str(), env.id.as_str()), ())?;
+                    }
+                }
+                Ok(None)
+            })
+            .await?;
+        if let Some(prev) = existing {
+            return Ok(Sent {
+                messages: prev.messages,
+                fan_out: prev.fan_out,
+                replayed: true,
+            });
+        }
+        Stats::add(&self.inner.stats.queued, prepared.len());
+        let mut items: Vec<(PeerId, Item)> = Vec::with_capacity(prepared.len());
+        for (env, _, r) in &prepared {
+            if r.node_id != self.inner.node_id && !r.addrs.is_empty() {
+                let _ = self
+                    .inner
+                    .net
+                    .add_addresses(r.node_id, r.addrs.clone())
+                    .await;
+            }
+            items.push((
+                r.node_id,
+                Item {
+                    id: env.id.clone(),
+                    expires_at_ms: env.expires_at_ms,
+                    size: env.body_json.len() as u64 + 256,
+                },
+            ));
+        }
+        // The messages are on disk: if the courier is gone (shutdown), the
+        // next start replays them from the outbox.
+        let _ = self.inner.courier.send(courier::Cmd::Enqueue(items)).await;
+        Ok(Sent {
+            messages: prepared.into_iter().map(|(e, _, _)| (e.id, e.to)).collect(),
+            fan_out,
+            replayed: false,
+        })
+    }
+
+    fn idempotent_answer(
+        &self,
+        from: &AgentId,
+        key: &str,
+        now: u64,
+    ) -> Result<Option<Sent>, Error> {
+        let r = self.inner.store.read()?;
+        let t = r
+            .open_table(IDEMPOTENCY)
+            .map_err(crate::store::Error::from)?;
+        let Some(v) = t
+            .get((from.as_str(), key))
+            .map_err(crate::store::Error::from)?
+        else {
+            return Ok(None);
+        };
+        let prev: IdemRecord = records::decode("idempotency", v.value())?;
+        if prev.expires_at_ms <= now {
+            return Ok(None);
+        }
+        Ok(Some(Sent {
+            messages: prev.messages,
+            fan_out: prev.fan_out,
+            replayed: true,
+        }))
+    }
+}

@@ -1,0 +1,162 @@
+//! The sender's view: status queries, and receipts from recipients' nodes.
+
+use libp2p::PeerId;
+use redb::ReadableTable;
+use tracing::debug;
+
+use super::records::{self, HistoryEntry, Status, Tracking};
+use super::{Delivery, Error, Stats, verify_node_sig};
+use crate::store::tables::{OUT_MESSAGES, OUT_STATUS, OUTBOX, REPLIES};
+use crate::time::now_ms;
+use crate::wire::envelope::ReceiptPayload;
+use crate::wire::{self, Envelope, Receipt, ReceiptKind};
+
+/// A message as the sender's node tracks it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MessageView {
+    /// The message.
+    pub envelope: Envelope,
+    /// Its tracking.
+    pub tracking: Tracking,
+    /// Ids of replies known on this node.
+    pub replies: Vec<String>,
+}
+
+impl Delivery {
+    /// Status and history of a message sent from this node.
+    pub fn message(&self, id: &str) -> Result<MessageView, Error> {
+        let r = self.inner.store.read()?;
+        let e = |e: redb::StorageError| Error::Store(e.into());
+        let msgs = r
+            .open_table(OUT_MESSAGES)
+            .map_err(crate::store::Error::from)?;
+        let status = r
+            .open_table(OUT_STATUS)
+            .map_err(crate::store::Error::from)?;
+        let (Some(env), Some(tr)) = (msgs.get(id).map_err(e)?, status.get(id).map_err(e)?) else {
+            return Err(Error::UnknownMessage(id.to_string()));
+        };
+        let envelope: Envelope = records::decode("out_messages", env.value())?;
+        let tracking: Tracking = records::decode("out_status", tr.value())?;
+        Ok(MessageView {
+            envelope,
+            tracking,
+            replies: self.replies_to(id)?,
+        })
+    }
+
+    /// Ids of known replies to a message, oldest first.
+    pub fn replies_to(&self, id: &str) -> Result<Vec<String>, Error> {
+        let r = self.inner.store.read()?;
+        let t = r.open_table(REPLIES).map_err(crate::store::Error::from)?;
+        let mut out = Vec::new();
+        for row in t.range((id, "")..).map_err(crate::store::Error::from)? {
+            let (k, _) = row.map_err(crate::store::Error::from)?;
+            let (orig, reply) = k.value();
+            if orig != id {
+                break;
+            }
+            out.push(reply.to_string());
+        }
+        Ok(out)
+    }
+
+    /// Receipts from a peer: verify the batch, then apply.
+    pub(crate) async fn apply_receipts(
+        &self,
+        peer: PeerId,
+        payload: &[u8],
+        sig: &[u8],
+    ) -> Result<(), String> {
+        verify_node_sig(&peer, "receipts", payload, sig)?;
+        let p: ReceiptPayload =
+            wire::decode(payload, wire::MAX_FRAME_BYTES).map_err(|e| e.to_string())?;
+        if p.to_node != self.inner.node_id.to_string() {
+            return Err(format!(
+                "receipts are addressed to node {}, not this one",
+                p.to_node
+            ));
+        }
+        self.apply_receipt_list(peer, p.receipts)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    /// Apply receipts that `peer` (the recipients' node) issued. A receipt
+    /// for a message that was not sent to that node is ignored.
+    pub(crate) async fn apply_receipt_list(
+        &self,
+        peer: PeerId,
+        receipts: Vec<Receipt>,
+    ) -> Result<(), Error> {
+        let node = peer.to_string();
+        let applied = self
+            .inner
+            .store
+            .write(move |txn| {
+                let mut status = txn.open_table(OUT_STATUS)?;
+                let mut outbox = txn.open_table(OUTBOX)?;
+                let mut applied = 0usize;
+                for rc in receipts {
+                    let Some(mut tr) = status
+                        .get(rc.message_id.as_str())?
+                        .map(|v| records::decode::<Tracking>("out_status", v.value()))
+                        .transpose()?
+                    else {
+                        continue;
+                    };
+                    if tr.to_node != node {
+                        debug!(id = %rc.message_id, from = %node, "receipt from a node the message was not sent to; ignored");
+                        continue;
+                    }
+                    let at = rc.at_ms.min(now_ms());
+                    let changed = match rc.kind {
+                        ReceiptKind::Processed { result_json } => {
+                            let moved = tr.advance(Status::Processed, at, None);
+                            if moved {
+                                tr.result_json = result_json;
+                            }
+                            moved
+                        }
+                        ReceiptKind::DeadLetter { deliveries } => tr.advance(
+                            Status::DeadLetter,
+                            at,
+                            Some(format!("offered {deliveries} times without an ack")),
+                        ),
+                        ReceiptKind::Expired => {
+                            tr.advance(Status::Expired, at, Some("expired in the recipient's inbox".into()))
+                        }
+                    };
+                    if changed {
+                        ensure_delivered_step(&mut tr.history);
+                        status.insert(rc.message_id.as_str(), wire::encode(&tr).as_slice())?;
+                        outbox.remove((node.as_str(), rc.message_id.as_str()))?;
+                        applied += 1;
+                    }
+                }
+                Ok(applied)
+            })
+            .await?;
+        Stats::add(&self.inner.stats.receipts_applied, applied);
+        Ok(())
+    }
+}
+
+/// A receipt proves delivery: when it overtook the delivery answer, the
+/// history still shows the message was delivered (at the receipt's time).
+fn ensure_delivered_step(history: &mut Vec<HistoryEntry>) {
+    if history.iter().any(|h| h.status == Status::Delivered) {
+        return;
+    }
+    if let Some(last) = history.last().cloned() {
+        let pos = history.len() - 1;
+        history.insert(
+            pos,
+            HistoryEntry {
+                status: Status::Delivered,
+                at_ms: last.at_ms,
+                detail: None,
+            },
+        );
+    }
+}

@@ -1,0 +1,119 @@
+//! Messages between agents and the receipts that flow back, as they cross
+//! the wire between nodes.
+//!
+//! Messages travel in batches. A batch is signed once by the sending node
+//! (covering the receiving node's id, so it cannot be replayed elsewhere)
+//! and carries the signed ads of the sending agents, so the receiver can
+//! check that each `from` agent really lives on the sending node. One
+//! signature per batch instead of per message keeps ed25519 off the hot
+//! path (see the delivery benchmark).
+
+use serde::{Deserialize, Serialize};
+
+use super::ad::SignedAd;
+use crate::identity::AgentId;
+
+/// Most messages in one delivery batch.
+pub const MAX_BATCH_MESSAGES: usize = 1024;
+/// Largest encoded batch payload.
+pub const MAX_BATCH_BYTES: usize = 8 * 1024 * 1024;
+
+/// One message from an agent to an agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Envelope {
+    /// Sortable unique id, minted by the sending node.
+    pub id: String,
+    /// Sending agent.
+    pub from: AgentId,
+    /// Its handle (for display at the recipient).
+    pub from_handle: String,
+    /// Receiving agent.
+    pub to: AgentId,
+    /// Optional subject line.
+    pub subject: Option<String>,
+    /// Body, as JSON text.
+    pub body_json: String,
+    /// Id of the message this one answers.
+    pub reply_to: Option<String>,
+    /// Creation time at the sender, ms since the epoch.
+    pub created_at_ms: u64,
+    /// After this the message is not delivered but expires.
+    pub expires_at_ms: u64,
+    /// Trace id shared by every message of one task (defaults to the id of
+    /// the message that started it).
+    pub trace_id: String,
+    /// Delegation chain, as JSON text, carried for governance checks.
+    pub delegation_json: Option<String>,
+}
+
+/// The signed content of a delivery batch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeliverPayload {
+    /// The receiving node (PeerId string): a batch is only valid there.
+    pub to_node: String,
+    /// Current ads of the agents that sent these messages.
+    pub sender_ads: Vec<SignedAd>,
+    /// The messages, in send order.
+    pub messages: Vec<Envelope>,
+}
+
+/// What the receiver did with one message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Outcome {
+    /// Committed to the recipient's inbox now.
+    Stored,
+    /// Already in the inbox (a retry): not stored twice.
+    Duplicate,
+    /// Refused; retrying will not help.
+    Rejected(Rejection),
+}
+
+/// Why a message was refused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Rejection {
+    /// The recipient is not registered on the receiving node.
+    UnknownRecipient,
+    /// The message had expired on arrival.
+    Expired,
+    /// The message is invalid (the detail says how).
+    Invalid(String),
+    /// A policy refused it (the detail says which).
+    Denied(String),
+}
+
+/// A receipt from the recipient's node to the sender's node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Receipt {
+    /// The message.
+    pub message_id: String,
+    /// What happened.
+    pub kind: ReceiptKind,
+    /// When, ms since the epoch.
+    pub at_ms: u64,
+}
+
+/// Final fates reported back to the sender.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ReceiptKind {
+    /// The agent acknowledged it, optionally with a result (JSON text).
+    Processed {
+        /// The ack's `result`.
+        result_json: Option<String>,
+    },
+    /// Offered `max_deliveries` times without an ack.
+    DeadLetter {
+        /// Offers made.
+        deliveries: u32,
+    },
+    /// Expired in the inbox before it was acknowledged.
+    Expired,
+}
+
+/// The signed content of a receipt batch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReceiptPayload {
+    /// The node the receipts are for.
+    pub to_node: String,
+    /// The receipts.
+    pub receipts: Vec<Receipt>,
+}
