@@ -3,15 +3,15 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+
+mod cli;
 use std::process::ExitCode;
 
-use agentmesh::client::Client;
 use agentmesh::config::{self, FileConfig, NodeConfig};
 use agentmesh::{Node, identity};
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use libp2p::Multiaddr;
-use serde_json::Value;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -50,15 +50,21 @@ enum Command {
         force: bool,
     },
     /// Show the running node's identity and status.
-    Info(ClientArgs),
+    Info(cli::ClientArgs),
+    /// List the peers the running node knows.
+    Peers(cli::ClientArgs),
     /// Find agents mesh-wide by capability, tag, handle or free text.
-    Agents(AgentsArgs),
+    Agents(cli::AgentsArgs),
     /// Register an agent on the running node.
-    Register(RegisterArgs),
+    Register(cli::RegisterArgs),
+    /// Send a message from a local agent.
+    Send(cli::SendArgs),
+    /// Show a sent message's status and history.
+    Status(cli::StatusArgs),
+    /// Receive messages for a local agent (and optionally acknowledge them).
+    Inbox(cli::InboxArgs),
     /// Run a benchmark (release builds) and print its figures.
     Bench(agentmesh::bench::Args),
-    /// List the peers the running node knows.
-    Peers(ClientArgs),
 }
 
 #[derive(Args, Debug)]
@@ -84,61 +90,6 @@ struct NodeArgs {
     /// Turn off mDNS discovery on the LAN.
     #[arg(long)]
     no_mdns: bool,
-}
-
-#[derive(Args, Debug)]
-struct ClientArgs {
-    /// API address of the node (default: read from the data dir, else 127.0.0.1:7700).
-    #[arg(long, value_name = "ADDR")]
-    api: Option<SocketAddr>,
-    /// Bearer token (default: <data_dir>/api-token).
-    #[arg(long, env = "AGENTMESH_TOKEN")]
-    token: Option<String>,
-    /// Data directory of the node (to find its token and address).
-    #[arg(long)]
-    data_dir: Option<PathBuf>,
-    /// Print machine-readable JSON.
-    #[arg(long)]
-    json: bool,
-}
-
-#[derive(Args, Debug)]
-struct AgentsArgs {
-    #[command(flatten)]
-    client: ClientArgs,
-    /// Capability name, or a prefix like `translate/*`.
-    #[arg(long)]
-    capability: Option<String>,
-    /// Required tag; repeatable (all must match).
-    #[arg(long = "tag")]
-    tags: Vec<String>,
-    /// Free text, ranked by relevance.
-    #[arg(long)]
-    q: Option<String>,
-    /// Exact handle.
-    #[arg(long)]
-    handle: Option<String>,
-    /// Version requirement, e.g. `^1.2`.
-    #[arg(long)]
-    version: Option<String>,
-    /// Most results.
-    #[arg(long)]
-    limit: Option<usize>,
-}
-
-#[derive(Args, Debug)]
-struct RegisterArgs {
-    #[command(flatten)]
-    client: ClientArgs,
-    /// Handle, `[a-z0-9][a-z0-9_-]{0,62}`.
-    #[arg(long)]
-    handle: String,
-    /// What the agent is.
-    #[arg(long, default_value = "")]
-    description: String,
-    /// A capability as `name` or `name:tag1,tag2`; repeatable.
-    #[arg(long = "capability")]
-    capabilities: Vec<String>,
 }
 
 fn parse_multiaddr(s: &str) -> Result<Multiaddr, String> {
@@ -196,145 +147,15 @@ async fn run(cli: Cli) -> Result<()> {
             mesh,
             force,
         } => init(data_dir, &mesh, force),
-        Command::Info(c) => {
-            let v = client(&c)?.get("/v1/node").await?;
-            print_value(&v, c.json, |v| {
-                format!(
-                    "node_id  {}\nmesh     {}\nversion  {}\npeers    {}\nagents   {}\nuptime   {}s\nlisten   {}",
-                    s(&v["node_id"]),
-                    s(&v["mesh"]),
-                    s(&v["version"]),
-                    v["peers_connected"],
-                    v["agents_local"],
-                    v["uptime_secs"],
-                    v["listen_addrs"]
-                        .as_array()
-                        .map(|a| a.iter().map(s).collect::<Vec<_>>().join(" "))
-                        .unwrap_or_default()
-                )
-            });
-            Ok(())
-        }
-        Command::Agents(a) => {
-            let mut pairs: Vec<(&str, String)> = Vec::new();
-            if let Some(c) = &a.capability {
-                pairs.push(("capability", c.clone()));
-            }
-            for t in &a.tags {
-                pairs.push(("tag", t.clone()));
-            }
-            if let Some(q) = &a.q {
-                pairs.push(("q", q.clone()));
-            }
-            if let Some(h) = &a.handle {
-                pairs.push(("handle", h.clone()));
-            }
-            if let Some(v) = &a.version {
-                pairs.push(("version", v.clone()));
-            }
-            if let Some(l) = a.limit {
-                pairs.push(("limit", l.to_string()));
-            }
-            let qs = serde_urlencoded::to_string(&pairs).context("encoding the query")?;
-            let v = client(&a.client)?.get(&format!("/v1/agents?{qs}")).await?;
-            print_value(&v, a.client.json, |v| {
-                let mut out = String::new();
-                for ag in v.as_array().into_iter().flatten() {
-                    let caps: Vec<String> = ag["capabilities"]
-                        .as_array()
-                        .into_iter()
-                        .flatten()
-                        .map(|c| s(&c["name"]))
-                        .collect();
-                    out.push_str(&format!(
-                        "@{:<20} {}  node {}{}\n    {}\n",
-                        s(&ag["handle"]),
-                        s(&ag["agent_id"]),
-                        s(&ag["node_id"]),
-                        if ag["local"].as_bool() == Some(true) {
-                            " (local)"
-                        } else {
-                            ""
-                        },
-                        caps.join(", ")
-                    ));
-                }
-                if out.is_empty() {
-                    "no agents found".into()
-                } else {
-                    out.trim_end().to_string()
-                }
-            });
-            Ok(())
-        }
-        Command::Register(r) => {
-            let caps: Vec<Value> = r
-                .capabilities
-                .iter()
-                .map(|c| {
-                    let (name, tags) = c.split_once(':').unwrap_or((c.as_str(), ""));
-                    let tags: Vec<&str> = tags.split(',').filter(|t| !t.is_empty()).collect();
-                    serde_json::json!({"name": name, "tags": tags})
-                })
-                .collect();
-            let body = serde_json::json!({"handle": r.handle, "description": r.description, "capabilities": caps});
-            let v = client(&r.client)?.post("/v1/agents", &body).await?;
-            print_value(&v, r.client.json, |v| {
-                format!("registered @{} as {}", s(&v["handle"]), s(&v["agent_id"]))
-            });
-            Ok(())
-        }
+        Command::Info(c) => cli::info(&c).await,
+        Command::Peers(c) => cli::peers(&c).await,
+        Command::Agents(a) => cli::agents(&a).await,
+        Command::Register(r) => cli::register(&r).await,
+        Command::Send(a) => cli::send(&a).await,
+        Command::Status(a) => cli::status(&a).await,
+        Command::Inbox(a) => cli::inbox(&a).await,
         Command::Bench(b) => Ok(agentmesh::bench::run(b).await?),
-        Command::Peers(c) => {
-            let v = client(&c)?.get("/v1/peers").await?;
-            print_value(&v, c.json, |v| {
-                let mut out = String::new();
-                for p in v.as_array().into_iter().flatten() {
-                    out.push_str(&format!(
-                        "{}  {}  {}\n",
-                        s(&p["node_id"]),
-                        if p["connected"].as_bool() == Some(true) {
-                            "connected"
-                        } else {
-                            "known"
-                        },
-                        p["addrs"]
-                            .as_array()
-                            .map(|a| a.iter().map(s).collect::<Vec<_>>().join(" "))
-                            .unwrap_or_default()
-                    ));
-                }
-                out.trim_end().to_string()
-            });
-            Ok(())
-        }
     }
-}
-
-fn s(v: &Value) -> String {
-    v.as_str()
-        .map(str::to_string)
-        .unwrap_or_else(|| v.to_string())
-}
-
-fn print_value(v: &Value, json: bool, human: impl Fn(&Value) -> String) {
-    if json {
-        println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
-    } else {
-        println!("{}", human(v));
-    }
-}
-
-fn data_dir_or_default(d: Option<PathBuf>) -> Result<PathBuf> {
-    match d {
-        Some(d) => Ok(d),
-        None => Ok(config::default_data_dir()?),
-    }
-}
-
-fn client(c: &ClientArgs) -> Result<Client> {
-    let dir = data_dir_or_default(c.data_dir.clone())?;
-    Ok(Client::for_data_dir(&dir, c.api, c.token.clone())?)
 }
 
 /// Defaults, then the config file, then flags.
@@ -433,7 +254,7 @@ async fn wait_for_signal() {
 
 fn init(data_dir: Option<PathBuf>, mesh: &str, force: bool) -> Result<()> {
     config::validate_mesh_name(mesh)?;
-    let dir = data_dir_or_default(data_dir)?;
+    let dir = cli::data_dir_or_default(data_dir)?;
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let key = identity::NodeKey::load_or_create(&dir)?;
     let cfg_path = dir.join(config::CONFIG_FILE_NAME);

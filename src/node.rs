@@ -211,10 +211,12 @@ impl Node {
                     source,
                 })?;
             let _ = handle.inner.api_addr.set(addr);
-            if let Err(e) = std::fs::write(
-                handle.inner.config.data_dir.join(API_ADDR_FILE),
-                format!("{addr}\n"),
-            ) {
+            let addr_file = handle.inner.config.data_dir.join(API_ADDR_FILE);
+            let tmp = addr_file.with_extension("tmp");
+            // Atomic (write then rename): a CLI reading it never sees half an address.
+            if let Err(e) = std::fs::write(&tmp, format!("{addr}\n"))
+                .and_then(|()| std::fs::rename(&tmp, &addr_file))
+            {
                 warn!(error = %e, "cannot record the API address in the data dir");
             }
             let app = crate::api::router(handle.clone());

@@ -187,3 +187,67 @@ fn init_writes_a_config_the_node_accepts() {
     );
     assert!(stderr(&again).contains("already exists"));
 }
+
+#[tokio::test]
+async fn cli_registers_sends_receives_and_tracks() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path();
+    let mut node = Running(
+        bin()
+            .args([
+                "node",
+                "--no-mdns",
+                "--listen",
+                "/ip4/127.0.0.1/tcp/0",
+                "--api",
+                "127.0.0.1:0",
+            ])
+            .env("AGENTMESH_DATA", data)
+            .env("HOME", data)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    node_id_of(data).await;
+    let cli = |args: &[&str]| {
+        let o = run(args, data);
+        assert!(o.status.success(), "{args:?}: {}", stderr(&o));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    cli(&["register", "--handle", "alice"]);
+    cli(&["register", "--handle", "bob", "--capability", "echo:test"]);
+    let out = cli(&["agents", "--capability", "echo"]);
+    assert!(out.contains("@bob"), "{out}");
+    let out = cli(&[
+        "send",
+        "--from",
+        "alice",
+        "--to",
+        "@bob",
+        "--subject",
+        "hi",
+        r#"{"n": 1}"#,
+    ]);
+    let id = out.split_whitespace().nth(1).unwrap().to_string();
+    let out = cli(&["inbox", "bob", "--ack", "--wait", "5"]);
+    assert!(out.contains(&id) && out.contains(r#"{"n":1}"#), "{out}");
+    let client = Client::for_data_dir(data, None, None).unwrap();
+    wait_for("processed", Duration::from_secs(10), || async {
+        (client.get(&format!("/v1/messages/{id}")).await.ok()?["status"] == "processed")
+            .then_some(())
+    })
+    .await;
+    let out = cli(&["status", &id]);
+    assert!(
+        out.contains("processed") && out.contains("delivered"),
+        "{out}"
+    );
+    let bad = run(
+        &["send", "--from", "alice", "--to", "@bob", "not json"],
+        data,
+    );
+    assert!(!bad.status.success());
+    assert!(stderr(&bad).contains("not valid JSON"), "{}", stderr(&bad));
+    let _ = node.0.kill();
+}
