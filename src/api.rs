@@ -37,6 +37,7 @@ pub fn router(node: NodeHandle) -> Router {
         .route("/messages", post(messages::send))
         .route("/messages/{id}", get(messages::status))
         .route("/agents/{id}/inbox", get(messages::inbox))
+        .route("/agents/{id}/inbox/ack", post(messages::ack_many))
         .route("/agents/{id}/inbox/{message_id}/ack", post(messages::ack))
         .route("/agents/{id}/events", get(messages::events))
         .fallback(not_found)

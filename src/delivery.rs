@@ -33,6 +33,7 @@ use crate::routing::{RouteError, Router};
 use crate::store::{self, Store};
 use crate::wire::{self, Request, Response};
 
+mod ack;
 mod courier;
 pub mod ids;
 mod inbox;

@@ -526,3 +526,41 @@ async fn server_sent_events_push_messages() {
     assert_eq!(v["body"], json!({"push": true}));
     assert_eq!(v["from_handle"], "alice");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_acks_in_one_call() {
+    init_tracing();
+    let n = TestNode::start(|_| {}).await;
+    let alice = register(&n, "alice", &[]).await;
+    let bob = register(&n, "bob", &[]).await;
+    for i in 0..5 {
+        send(&n, &alice, json!("@bob"), json!(i)).await;
+    }
+    let mut got = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while got.len() < 5 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "messages did not arrive"
+        );
+        got.extend(poll(&n, &bob, 1, 10).await);
+    }
+    let mut acks: Vec<Value> = got
+        .iter()
+        .map(|m| json!({"message_id": m["message_id"], "result": m["body"]}))
+        .collect();
+    acks.push(json!({"message_id": "01ARZ3NDEKTSV4RRFFQ69G5FAV"}));
+    let v = n
+        .client
+        .post(
+            &format!("/v1/agents/{bob}/inbox/ack"),
+            &json!({"acks": acks}),
+        )
+        .await
+        .unwrap();
+    let results = v["results"].as_array().unwrap();
+    assert_eq!(results.len(), 6);
+    assert!(results[..5].iter().all(|r| r["ok"] == true), "{v}");
+    assert_eq!(results[5]["error"]["code"], "message_not_found");
+    assert!(poll(&n, &bob, 0, 10).await.is_empty());
+}

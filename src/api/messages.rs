@@ -235,6 +235,53 @@ pub async fn ack(
     Ok(StatusCode::NO_CONTENT)
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AckItem {
+    message_id: String,
+    #[serde(default)]
+    result: Option<Box<RawValue>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AckManyIn {
+    acks: Vec<AckItem>,
+}
+
+/// `POST /v1/agents/{id}/inbox/ack {"acks": [{message_id, result?}]}`: many
+/// acks in one durable write; per-message results in order.
+pub async fn ack_many(
+    State(node): State<NodeHandle>,
+    Path(agent): Path<String>,
+    ApiJson(body): ApiJson<AckManyIn>,
+) -> Result<Json<Value>, ApiError> {
+    let agent = parse_agent_id(&agent)?;
+    let ids: Vec<String> = body.acks.iter().map(|a| a.message_id.clone()).collect();
+    let acks = body
+        .acks
+        .into_iter()
+        .map(|a| (a.message_id, a.result.map(|r| r.get().to_string())))
+        .collect();
+    let results = node
+        .delivery()
+        .ack_many(&agent, acks)
+        .await
+        .map_err(delivery_error)?;
+    let out: Vec<Value> = ids
+        .iter()
+        .zip(results)
+        .map(|(id, r)| match r {
+            Ok(()) => json!({"message_id": id, "ok": true}),
+            Err(e) => {
+                let e = delivery_error(e);
+                json!({"message_id": id, "ok": false, "error": {"code": e.code, "message": e.message}})
+            }
+        })
+        .collect();
+    Ok(Json(json!({ "results": out })))
+}
+
 pub async fn events(
     State(node): State<NodeHandle>,
     Path(agent): Path<String>,

@@ -486,73 +486,16 @@ impl Delivery {
             .min()
     }
 
-    /// Acknowledge a message; `result_json` travels back in the receipt.
-    /// Acking an already-acknowledged message succeeds again.
-    pub async fn ack(
-        &self,
-        agent: &AgentId,
-        id: &str,
-        result_json: Option<String>,
-    ) -> Result<(), Error> {
-        if self.inner.discovery.local_agent(agent).is_none() {
-            return Err(Error::AgentNotLocal(agent.clone()));
-        }
-        let (a, mid) = (agent.clone(), id.to_string());
-        let outcome = self
-            .inner
-            .store
-            .write(move |txn| {
-                let mut inbox = txn.open_table(INBOX)?;
-                let Some(mut rec) = inbox
-                    .get((a.as_str(), mid.as_str()))?
-                    .map(|v| records::decode::<InboxRecord>("inbox", v.value()))
-                    .transpose()?
-                else {
-                    return Ok(Err(Error::UnknownMessage(mid)));
-                };
-                match rec.state {
-                    InboxState::Acked => return Ok(Ok(None)),
-                    InboxState::DeadLetter => {
-                        return Ok(Err(Error::NotPending {
-                            id: mid,
-                            state: "dead-lettered",
-                        }));
-                    }
-                    InboxState::Expired => {
-                        return Ok(Err(Error::NotPending {
-                            id: mid,
-                            state: "expired",
-                        }));
-                    }
-                    InboxState::Pending => {}
-                }
-                rec.state = InboxState::Acked;
-                rec.envelope = None;
-                rec.lease_until_ms = 0;
-                inbox.insert((a.as_str(), mid.as_str()), wire::encode(&rec).as_slice())?;
-                let receipt = Receipt {
-                    message_id: mid.clone(),
-                    kind: ReceiptKind::Processed { result_json },
-                    at_ms: now_ms(),
-                };
-                txn.open_table(RECEIPTS_OUT)?.insert(
-                    (rec.from_node.as_str(), mid.as_str()),
-                    wire::encode(&receipt).as_slice(),
-                )?;
-                Ok(Ok(Some(rec.from_node)))
-            })
-            .await??;
+    /// Drop acknowledged messages from the pending index.
+    pub(crate) fn forget_pending(&self, agent: &AgentId, ids: &[String]) {
         if let Some(b) = self.inner.inboxes.lock().get_mut(agent) {
-            b.pending.remove(id);
+            for id in ids {
+                b.pending.remove(id);
+            }
         }
-        if let Some(node) = outcome {
-            Stats::add(&self.inner.stats.acked, 1);
-            self.queue_receipts(vec![(node, id.to_string())]).await;
-        }
-        Ok(())
     }
 
-    async fn queue_receipts(&self, rows: Vec<(String, String)>) {
+    pub(crate) async fn queue_receipts(&self, rows: Vec<(String, String)>) {
         if rows.is_empty() {
             return;
         }

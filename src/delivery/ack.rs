@@ -1,0 +1,103 @@
+//! Acknowledgements from local agents: one durable write for any number of
+//! acks, then a receipt per message queued back to its sender's node.
+
+use redb::ReadableTable;
+
+use super::records::{self, InboxRecord, InboxState};
+use super::{Delivery, Error, Stats};
+use crate::identity::AgentId;
+use crate::store::tables::{INBOX, RECEIPTS_OUT};
+use crate::time::now_ms;
+use crate::wire::{self, Receipt, ReceiptKind};
+
+/// Most acks in one call.
+pub const MAX_ACKS: usize = 1000;
+
+impl Delivery {
+    /// Acknowledge a message; `result_json` travels back in the receipt.
+    /// Acking an already-acknowledged message succeeds again.
+    pub async fn ack(
+        &self,
+        agent: &AgentId,
+        id: &str,
+        result_json: Option<String>,
+    ) -> Result<(), Error> {
+        self.ack_many(agent, vec![(id.to_string(), result_json)])
+            .await?
+            .pop()
+            .unwrap_or(Ok(()))
+    }
+
+    /// Acknowledge several messages in one durable write; one result per
+    /// message, in order.
+    pub async fn ack_many(
+        &self,
+        agent: &AgentId,
+        acks: Vec<(String, Option<String>)>,
+    ) -> Result<Vec<Result<(), Error>>, Error> {
+        if self.inner.discovery.local_agent(agent).is_none() {
+            return Err(Error::AgentNotLocal(agent.clone()));
+        }
+        if acks.len() > MAX_ACKS {
+            return Err(Error::Invalid(format!("at most {MAX_ACKS} acks at once")));
+        }
+        let a = agent.clone();
+        let (results, receipts) = self
+            .inner
+            .store
+            .write(move |txn| {
+                let mut inbox = txn.open_table(INBOX)?;
+                let mut out_receipts = txn.open_table(RECEIPTS_OUT)?;
+                let mut results = Vec::with_capacity(acks.len());
+                let mut receipts = Vec::new();
+                for (id, result_json) in acks {
+                    let Some(mut rec) = inbox
+                        .get((a.as_str(), id.as_str()))?
+                        .map(|v| records::decode::<InboxRecord>("inbox", v.value()))
+                        .transpose()?
+                    else {
+                        results.push(Err(Error::UnknownMessage(id)));
+                        continue;
+                    };
+                    let refused = match rec.state {
+                        InboxState::Pending => None,
+                        InboxState::Acked => Some(Ok(())),
+                        InboxState::DeadLetter => Some(Err(Error::NotPending {
+                            id: id.clone(),
+                            state: "dead-lettered",
+                        })),
+                        InboxState::Expired => Some(Err(Error::NotPending {
+                            id: id.clone(),
+                            state: "expired",
+                        })),
+                    };
+                    if let Some(r) = refused {
+                        results.push(r);
+                        continue;
+                    }
+                    rec.state = InboxState::Acked;
+                    rec.envelope = None;
+                    rec.lease_until_ms = 0;
+                    inbox.insert((a.as_str(), id.as_str()), wire::encode(&rec).as_slice())?;
+                    let receipt = Receipt {
+                        message_id: id.clone(),
+                        kind: ReceiptKind::Processed { result_json },
+                        at_ms: now_ms(),
+                    };
+                    out_receipts.insert(
+                        (rec.from_node.as_str(), id.as_str()),
+                        wire::encode(&receipt).as_slice(),
+                    )?;
+                    receipts.push((rec.from_node, id));
+                    results.push(Ok(()));
+                }
+                Ok((results, receipts))
+            })
+            .await?;
+        let ids: Vec<String> = receipts.iter().map(|(_, id)| id.clone()).collect();
+        self.forget_pending(agent, &ids);
+        Stats::add(&self.inner.stats.acked, ids.len());
+        self.queue_receipts(receipts).await;
+        Ok(results)
+    }
+}
