@@ -143,6 +143,8 @@ pub struct DeliveryConfig {
     pub retry_initial: Duration,
     /// Largest retry delay.
     pub retry_max: Duration,
+    /// How long tracking of a finished message is kept.
+    pub tracking_retention: Duration,
 }
 
 impl NodeConfig {
@@ -245,6 +247,9 @@ impl NodeConfig {
             }
             if let Some(b) = d.max_body_bytes {
                 self.delivery.max_body_bytes = b;
+            }
+            if let Some(s) = d.tracking_retention_secs {
+                self.delivery.tracking_retention = Duration::from_secs(s);
             }
         }
         Ok(())
@@ -402,6 +407,7 @@ impl Default for DeliveryConfig {
             max_body_bytes: 1024 * 1024,
             retry_initial: Duration::from_millis(500),
             retry_max: Duration::from_secs(60),
+            tracking_retention: Duration::from_secs(7 * 86_400),
         }
     }
 }
@@ -485,6 +491,8 @@ pub struct FileDelivery {
     pub default_ttl_secs: Option<u64>,
     /// Body limit.
     pub max_body_bytes: Option<usize>,
+    /// Tracking retention of finished messages.
+    pub tracking_retention_secs: Option<u64>,
 }
 
 impl FileConfig {
@@ -543,6 +551,8 @@ mesh = "{mesh}"
 # max_deliveries = 10
 # default_ttl_secs = 86400
 # max_body_bytes = 1048576
+# How long the status of a finished message stays queryable.
+# tracking_retention_secs = 604800
 "#,
         p = DEFAULT_P2P_PORT,
         api = DEFAULT_API_ADDR

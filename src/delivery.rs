@@ -35,6 +35,7 @@ use crate::wire::{self, Request, Response};
 
 mod ack;
 mod courier;
+mod gc;
 pub mod ids;
 mod inbox;
 pub mod queue;
@@ -42,6 +43,7 @@ pub mod records;
 mod send;
 mod tracking;
 
+pub use gc::GcReport;
 pub use inbox::InboxMessage;
 pub use records::{HistoryEntry, Status, Tracking};
 pub use send::{SendRequest, Sent};

@@ -564,3 +564,46 @@ async fn many_acks_in_one_call() {
     assert_eq!(results[5]["error"]["code"], "message_not_found");
     assert!(poll(&n, &bob, 0, 10).await.is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unread_messages_expire_and_finished_state_is_collected() {
+    init_tracing();
+    let n = TestNode::start(|c| c.delivery.tracking_retention = Duration::from_secs(1)).await;
+    let alice = register(&n, "alice", &[]).await;
+    let bob = register(&n, "bob", &[]).await;
+    let v = n
+        .client
+        .post(
+            "/v1/messages",
+            &json!({"from": alice, "to": "@bob", "body": 1, "ttl_secs": 1}),
+        )
+        .await
+        .unwrap();
+    let id = v["message_id"].as_str().unwrap().to_string();
+    wait_until("delivered", Duration::from_secs(10), || async {
+        status(&n, &id).await == "delivered"
+    })
+    .await;
+    let d = n.handle().delivery().clone();
+    // Bob never polls; after the TTL a collection pass expires it.
+    wait_until(
+        "the unread message to expire",
+        Duration::from_secs(10),
+        || async {
+            d.gc().await;
+            status(&n, &id).await == "expired"
+        },
+    )
+    .await;
+    assert!(poll(&n, &bob, 0, 10).await.is_empty());
+    // After the retention period the finished message's tracking goes too.
+    wait_until(
+        "tracking to be collected",
+        Duration::from_secs(10),
+        || async {
+            d.gc().await;
+            n.client.get(&format!("/v1/messages/{id}")).await.is_err()
+        },
+    )
+    .await;
+}

@@ -28,6 +28,8 @@ const BATCH: usize = 512;
 const BATCH_BYTES: u64 = 4 * 1024 * 1024;
 /// Expiry sweep period.
 const SWEEP: Duration = Duration::from_millis(500);
+/// Garbage-collection period.
+const GC_EVERY: Duration = Duration::from_secs(60);
 
 const _: () = assert!(BATCH <= MAX_BATCH_MESSAGES && BATCH_BYTES as usize <= MAX_BATCH_BYTES / 2);
 
@@ -161,6 +163,8 @@ pub(crate) async fn run(
     }
     let mut sweep = tokio::time::interval(SWEEP);
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut gc = tokio::time::interval_at(tokio::time::Instant::now() + GC_EVERY, GC_EVERY);
+    gc.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         dispatch(&d, &mut st);
         let next = [st.messages.next_retry(), st.receipts.next_retry()]
@@ -180,6 +184,10 @@ pub(crate) async fn run(
             },
             _ = wake, if next.is_some() => {}
             _ = sweep.tick() => expire(&d, &mut st).await,
+            _ = gc.tick() => {
+                let d = d.clone();
+                tokio::spawn(async move { d.gc().await }.in_current_span());
+            }
         }
     }
 }
