@@ -233,6 +233,13 @@ pub enum Command {
         /// The peer.
         peer: PeerId,
     },
+    /// Add an artificial delay to requests to a peer (simulations).
+    SetLinkDelay {
+        /// The peer.
+        peer: PeerId,
+        /// One-way delay; zero removes it.
+        delay: Duration,
+    },
     /// Stop the event loop.
     Shutdown,
 }
@@ -358,6 +365,11 @@ impl NetHandle {
     /// Block a peer (simulated partitions, misbehaving peers).
     pub async fn block(&self, peer: PeerId) -> Result<(), Error> {
         self.send(Command::Block { peer }).await
+    }
+
+    /// Delay every request to `peer` by `delay` (simulated slow link; zero removes it).
+    pub async fn set_link_delay(&self, peer: PeerId, delay: Duration) -> Result<(), Error> {
+        self.send(Command::SetLinkDelay { peer, delay }).await
     }
 
     /// Unblock a peer.

@@ -10,6 +10,8 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use futures::future::BoxFuture;
+use futures::stream::FuturesUnordered;
 use libp2p::core::ConnectedPoint;
 use libp2p::kad::{self, GetProvidersOk, QueryResult};
 use libp2p::multiaddr::Protocol;
@@ -60,6 +62,14 @@ enum Step {
     Delivered,
     Swarm(SwarmEvent<BehaviourEvent>),
     Bootstrap,
+    Delayed(DelayedRequest),
+}
+
+/// A request held back by an artificial link delay (simulations).
+struct DelayedRequest {
+    peer: PeerId,
+    data: Vec<u8>,
+    reply: Reply<Vec<u8>>,
 }
 
 /// The swarm owner. Create with [`EventLoop::start`], then spawn [`EventLoop::run`].
@@ -78,6 +88,9 @@ pub struct EventLoop {
     listen_addrs: Vec<Multiaddr>,
     stats: NetStats,
     rng: u64,
+    /// Artificial one-way delay of requests to some peers (simulated slow links).
+    link_delays: HashMap<PeerId, Duration>,
+    delayed: FuturesUnordered<BoxFuture<'static, DelayedRequest>>,
 }
 
 impl EventLoop {
@@ -108,6 +121,8 @@ impl EventLoop {
             listen_addrs: Vec::new(),
             stats: NetStats::default(),
             rng: seed_rng(),
+            link_delays: HashMap::new(),
+            delayed: FuturesUnordered::new(),
         };
         let mut listeners = HashSet::new();
         for addr in &net.listen {
@@ -194,6 +209,7 @@ impl EventLoop {
                     Step::Delivered
                 }
                 ev = self.swarm.select_next_some() => Step::Swarm(ev),
+                Some(cmd) = self.delayed.next(), if !self.delayed.is_empty() => Step::Delayed(cmd),
                 _ = boot_sleep, if next_boot.is_some() => Step::Bootstrap,
             };
             match step {
@@ -206,6 +222,7 @@ impl EventLoop {
                 Step::Delivered => {}
                 Step::Swarm(ev) => self.handle_swarm_event(ev),
                 Step::Bootstrap => self.dial_bootstrap(),
+                Step::Delayed(cmd) => self.send_request_now(cmd),
             }
         }
         debug!("network event loop stopped");
@@ -356,8 +373,23 @@ impl EventLoop {
                     }));
                     return;
                 }
-                let id = self.swarm.behaviour_mut().rpc.send_request(&peer, data);
-                self.requests.insert(id, (peer, reply));
+                match self.link_delays.get(&peer) {
+                    Some(d) if !d.is_zero() => {
+                        let d = *d;
+                        self.delayed.push(Box::pin(async move {
+                            tokio::time::sleep(d).await;
+                            DelayedRequest { peer, data, reply }
+                        }));
+                    }
+                    _ => self.send_request_now(DelayedRequest { peer, data, reply }),
+                }
+            }
+            Command::SetLinkDelay { peer, delay } => {
+                if delay.is_zero() {
+                    self.link_delays.remove(&peer);
+                } else {
+                    self.link_delays.insert(peer, delay);
+                }
             }
             Command::Respond { channel, data } => {
                 if self
@@ -442,6 +474,11 @@ impl EventLoop {
             }
             Command::Shutdown => {}
         }
+    }
+
+    fn send_request_now(&mut self, r: DelayedRequest) {
+        let id = self.swarm.behaviour_mut().rpc.send_request(&r.peer, r.data);
+        self.requests.insert(id, (r.peer, r.reply));
     }
 
     fn handle_swarm_event(&mut self, ev: SwarmEvent<BehaviourEvent>) {
