@@ -1,7 +1,15 @@
 //! Benchmarks run by `agentmesh bench ...` (use a release build). Each one
 //! starts real nodes in this process and prints the figures it measured.
+//!
+//! # Layout
+//! - `discovery`: ad convergence across a mesh, and late-joiner catch-up.
+//! - `support`: machine facts, timing summaries, polling with deadlines,
+//!   scratch directories.
 
 use clap::{Args as ClapArgs, Subcommand};
+
+pub mod discovery;
+mod support;
 
 /// Errors of a benchmark run.
 #[derive(Debug, thiserror::Error)]
@@ -27,9 +35,15 @@ pub struct Args {
 
 /// The benchmarks.
 #[derive(Subcommand, Debug)]
-pub enum Which {}
+pub enum Which {
+    /// How fast an agent ad reaches every node, and how fast a late
+    /// joiner catches up with the whole registry.
+    Discovery(discovery::Opts),
+}
 
 /// Run the chosen benchmark.
 pub async fn run(args: Args) -> Result<(), Error> {
-    match args.which {}
+    match args.which {
+        Which::Discovery(opts) => discovery::run(opts).await,
+    }
 }
