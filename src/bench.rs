@@ -3,11 +3,13 @@
 //!
 //! # Layout
 //! - `discovery`: ad convergence across a mesh, and late-joiner catch-up.
+//! - `delivery`: durable node→node throughput, latency, outbox replay.
 //! - `support`: machine facts, timing summaries, polling with deadlines,
 //!   scratch directories.
 
 use clap::{Args as ClapArgs, Subcommand};
 
+pub mod delivery;
 pub mod discovery;
 mod support;
 
@@ -39,11 +41,15 @@ pub enum Which {
     /// How fast an agent ad reaches every node, and how fast a late
     /// joiner catches up with the whole registry.
     Discovery(discovery::Opts),
+    /// Durable node→node delivery: throughput, latency at fixed rates,
+    /// and outbox replay after a restart.
+    Delivery(delivery::Opts),
 }
 
 /// Run the chosen benchmark.
 pub async fn run(args: Args) -> Result<(), Error> {
     match args.which {
         Which::Discovery(opts) => discovery::run(opts).await,
+        Which::Delivery(opts) => delivery::run(opts).await,
     }
 }
