@@ -139,6 +139,10 @@ pub struct WriteStats {
     pub commits: AtomicU64,
     /// Closures applied.
     pub writes: AtomicU64,
+    /// Nanoseconds spent running closures (building transactions).
+    pub apply_ns: AtomicU64,
+    /// Nanoseconds spent committing (including fsync).
+    pub commit_ns: AtomicU64,
 }
 
 /// A cheap, cloneable handle to the database.
@@ -346,13 +350,14 @@ fn writer_loop(db: Arc<Database>, mut rx: mpsc::Receiver<Job>, stats: Arc<WriteS
             }
         }
         let n = batch.len() as u64;
-        run_batch(&db, &mut batch);
+        run_batch(&db, &mut batch, &stats);
         stats.commits.fetch_add(1, Ordering::Relaxed);
         stats.writes.fetch_add(n, Ordering::Relaxed);
     }
 }
 
-fn run_batch(db: &Database, batch: &mut Vec<Job>) {
+fn run_batch(db: &Database, batch: &mut Vec<Job>, stats: &WriteStats) {
+    let started = std::time::Instant::now();
     let durable = batch.iter().any(|j| j.durable);
     let level = if durable {
         Durability::Immediate
@@ -393,6 +398,11 @@ fn run_batch(db: &Database, batch: &mut Vec<Job>) {
             Err(_) => failure = Some(Error::BatchAborted("a write panicked".into())),
         }
     }
+    let applied = std::time::Instant::now();
+    stats.apply_ns.fetch_add(
+        applied.duration_since(started).as_nanos() as u64,
+        Ordering::Relaxed,
+    );
     let result = match failure {
         Some(err) => {
             tracing::error!(error = %err, "write failed; rolling back its group commit");
@@ -401,6 +411,9 @@ fn run_batch(db: &Database, batch: &mut Vec<Job>) {
         }
         None => txn.commit().map_err(Error::from),
     };
+    stats
+        .commit_ns
+        .fetch_add(applied.elapsed().as_nanos() as u64, Ordering::Relaxed);
     if let Err(e) = &result {
         tracing::error!(error = %e, "group commit did not commit");
     }

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use clap::Args as ClapArgs;
 use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
 
 use super::Error;
 use super::support::{ScratchDir, print_machine};
@@ -91,19 +92,30 @@ impl Pair {
     }
 
     fn a(&self) -> Result<NodeHandle, Error> {
-        self.a.as_ref().map(Node::handle).ok_or_else(|| Error::Failed("node a is down".into()))
+        self.a
+            .as_ref()
+            .map(Node::handle)
+            .ok_or_else(|| Error::Failed("node a is down".into()))
     }
 
     fn b(&self) -> Result<NodeHandle, Error> {
-        self.b.as_ref().map(Node::handle).ok_or_else(|| Error::Failed("node b is down".into()))
+        self.b
+            .as_ref()
+            .map(Node::handle)
+            .ok_or_else(|| Error::Failed("node b is down".into()))
     }
 
     async fn wait_visible(&mut self) -> Result<(), Error> {
         let a = self.a()?;
         let deadline = Instant::now() + Duration::from_secs(30);
-        while a.discovery().with_registry(|r| r.get(&self.bob).is_none_or(|e| !e.is_active())) {
+        while a
+            .discovery()
+            .with_registry(|r| r.get(&self.bob).is_none_or(|e| !e.is_active()))
+        {
             if Instant::now() > deadline {
-                return Err(Error::Timeout("the sender never saw the recipient's ad".into()));
+                return Err(Error::Timeout(
+                    "the sender never saw the recipient's ad".into(),
+                ));
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -155,15 +167,25 @@ fn ms(d: Duration) -> String {
 }
 
 /// Consumer: long-polls Bob's inbox, records arrival times, acks in batches.
-fn spawn_consumer(b: NodeHandle, bob: AgentId, arrivals: Arc<Mutex<HashMap<String, Instant>>>, stop: Arc<tokio::sync::Notify>) -> tokio::task::JoinHandle<()> {
+fn spawn_consumer(
+    b: NodeHandle,
+    bob: AgentId,
+    arrivals: Arc<Mutex<HashMap<String, Instant>>>,
+    stop: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         loop {
             let got = tokio::select! {
                 r = b.delivery().poll(&bob, Duration::from_millis(500), 1000) => r,
-                _ = stop.notified() => return,
+                _ = stop.cancelled() => return,
             };
-            let Ok(msgs) = got else {
-                return;
+            let msgs = match got {
+                Ok(m) => m,
+                Err(e) => {
+                    eprintln!("consumer: poll failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
             };
             if msgs.is_empty() {
                 continue;
@@ -176,7 +198,9 @@ fn spawn_consumer(b: NodeHandle, bob: AgentId, arrivals: Arc<Mutex<HashMap<Strin
                 }
             }
             let acks = msgs.into_iter().map(|m| (m.envelope.id, None)).collect();
-            let _ = b.delivery().ack_many(&bob, acks).await;
+            if let Err(e) = b.delivery().ack_many(&bob, acks).await {
+                eprintln!("consumer: ack failed: {e}");
+            }
         }
     })
 }
@@ -185,9 +209,30 @@ fn spawn_consumer(b: NodeHandle, bob: AgentId, arrivals: Arc<Mutex<HashMap<Strin
 pub async fn run(o: Opts) -> Result<(), Error> {
     print_machine();
     let dir = ScratchDir::new("delivery")?;
-    println!("data in {} (every commit fsynced, on both nodes)", dir.path().display());
+    println!(
+        "data in {} (every commit fsynced, on both nodes)",
+        dir.path().display()
+    );
     let mut figures = serde_json::Map::new();
     let mut pair = Pair::start(dir.path()).await?;
+    let watchdog = {
+        let (a, b, bob) = (pair.a()?, pair.b()?, pair.bob.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                let backlog = a.delivery().backlog().await;
+                eprintln!(
+                    "[watchdog] queued {} delivered {} stored {} acked {} backlog {:?} pending {}",
+                    load(&a.delivery().stats().queued),
+                    load(&a.delivery().stats().delivered),
+                    load(&b.delivery().stats().inbox_stored),
+                    load(&b.delivery().stats().acked),
+                    backlog,
+                    b.delivery().pending_count(&bob),
+                );
+            }
+        })
+    };
     figures.insert("throughput".into(), throughput(&o, &pair).await?);
     for &rate in &o.rates {
         figures.insert(format!("latency_{rate}"), latency(&o, &pair, rate).await?);
@@ -195,6 +240,7 @@ pub async fn run(o: Opts) -> Result<(), Error> {
     if o.replay > 0 {
         figures.insert("replay".into(), replay(&o, &mut pair).await?);
     }
+    watchdog.abort();
     if let Some(a) = pair.a.take() {
         a.shutdown().await;
     }
@@ -211,11 +257,18 @@ async fn throughput(o: &Opts, pair: &Pair) -> Result<serde_json::Value, Error> {
     let (a, b) = (pair.a()?, pair.b()?);
     let body = body_of(o.size);
     let arrivals = Arc::new(Mutex::new(HashMap::new()));
-    let stop = Arc::new(tokio::sync::Notify::new());
+    let stop = CancellationToken::new();
     let consumer = spawn_consumer(b.clone(), pair.bob.clone(), arrivals.clone(), stop.clone());
     let stored0 = load(&b.delivery().stats().inbox_stored);
     let acked0 = load(&b.delivery().stats().acked);
     let commits0 = load(&a.store().stats().commits) + load(&b.store().stats().commits);
+    let busy = |h: &NodeHandle| {
+        (
+            load(&h.store().stats().apply_ns),
+            load(&h.store().stats().commit_ns),
+        )
+    };
+    let (busy_a0, busy_b0) = (busy(&a), busy(&b));
     let start = Instant::now();
     let mut producers = JoinSet::new();
     let per = o.messages.div_ceil(o.concurrency.max(1));
@@ -227,18 +280,23 @@ async fn throughput(o: &Opts, pair: &Pair) -> Result<serde_json::Value, Error> {
             let mut lat = Vec::with_capacity(n);
             for _ in 0..n {
                 let t = Instant::now();
-                a.delivery().send(req.clone()).await.map_err(|e| e.to_string())?;
+                a.delivery()
+                    .send(req.clone())
+                    .await
+                    .map_err(|e| e.to_string())?;
                 lat.push(t.elapsed());
             }
             Ok::<_, String>(lat)
         });
     }
     while let Some(r) = producers.join_next().await {
-        let lat = r.map_err(|e| Error::Failed(e.to_string()))?.map_err(Error::Failed)?;
+        let lat = r
+            .map_err(|e| Error::Failed(e.to_string()))?
+            .map_err(Error::Failed)?;
         send_lat.extend(lat);
     }
     let queued = start.elapsed();
-    let deadline = Instant::now() + Duration::from_secs(600);
+    let deadline = Instant::now() + Duration::from_secs(120);
     let mut stored_at = None;
     loop {
         let stored = load(&b.delivery().stats().inbox_stored) - stored0;
@@ -249,21 +307,51 @@ async fn throughput(o: &Opts, pair: &Pair) -> Result<serde_json::Value, Error> {
             break;
         }
         if Instant::now() > deadline {
-            return Err(Error::Timeout(format!("only {stored} of {} messages stored", o.messages)));
+            let backlog = a.delivery().backlog().await.unwrap_or_default();
+            return Err(Error::Timeout(format!(
+                "only {stored} of {} messages stored, {} acked; sender backlog {backlog:?}; {} waiting in the inbox",
+                o.messages,
+                load(&b.delivery().stats().acked) - acked0,
+                b.delivery().pending_count(&pair.bob)
+            )));
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     let processed = start.elapsed();
-    stop.notify_waiters();
+    stop.cancel();
     let _ = consumer.await;
     let commits = load(&a.store().stats().commits) + load(&b.store().stats().commits) - commits0;
     send_lat.sort();
     let stored_at = stored_at.unwrap_or(processed);
+    let (busy_a, busy_b) = (busy(&a), busy(&b));
+    for (name, (ap, cm), (ap0, cm0)) in [("sender", busy_a, busy_a0), ("receiver", busy_b, busy_b0)]
+    {
+        println!(
+            "  {name} store thread: {:.2} s building transactions, {:.2} s committing",
+            (ap - ap0) as f64 / 1e9,
+            (cm - cm0) as f64 / 1e9
+        );
+    }
     let rate = |d: Duration| o.messages as f64 / d.as_secs_f64();
-    println!("\n## throughput: {} messages of {} bytes, {} producers", o.messages, o.size, o.concurrency);
-    println!("  queued (durable in sender's outbox): {:>9.0} msg/s  ({:.2} s)", rate(queued), queued.as_secs_f64());
-    println!("  stored (durable in receiver's inbox): {:>8.0} msg/s  ({:.2} s)", rate(stored_at), stored_at.as_secs_f64());
-    println!("  received + acked by the consumer:    {:>9.0} msg/s  ({:.2} s)", rate(processed), processed.as_secs_f64());
+    println!(
+        "\n## throughput: {} messages of {} bytes, {} producers",
+        o.messages, o.size, o.concurrency
+    );
+    println!(
+        "  queued (durable in sender's outbox): {:>9.0} msg/s  ({:.2} s)",
+        rate(queued),
+        queued.as_secs_f64()
+    );
+    println!(
+        "  stored (durable in receiver's inbox): {:>8.0} msg/s  ({:.2} s)",
+        rate(stored_at),
+        stored_at.as_secs_f64()
+    );
+    println!(
+        "  received + acked by the consumer:    {:>9.0} msg/s  ({:.2} s)",
+        rate(processed),
+        processed.as_secs_f64()
+    );
     println!(
         "  send() latency (until durable 202): p50 {}  p99 {}",
         ms(pct(&send_lat, 0.5)),
@@ -285,10 +373,11 @@ async fn latency(o: &Opts, pair: &Pair, rate: u64) -> Result<serde_json::Value, 
     let (a, b) = (pair.a()?, pair.b()?);
     let body = body_of(o.size);
     let arrivals = Arc::new(Mutex::new(HashMap::new()));
-    let stop = Arc::new(tokio::sync::Notify::new());
+    let stop = CancellationToken::new();
     let consumer = spawn_consumer(b.clone(), pair.bob.clone(), arrivals.clone(), stop.clone());
     let total = (rate * o.rate_secs) as usize;
-    let sent_at: Arc<Mutex<HashMap<String, Instant>>> = Arc::new(Mutex::new(HashMap::with_capacity(total)));
+    let sent_at: Arc<Mutex<HashMap<String, Instant>>> =
+        Arc::new(Mutex::new(HashMap::with_capacity(total)));
     let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate as f64));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let mut tasks = JoinSet::new();
@@ -302,20 +391,28 @@ async fn latency(o: &Opts, pair: &Pair, rate: u64) -> Result<serde_json::Value, 
             if let Ok(s) = r
                 && let Some((id, _)) = s.messages.first()
             {
-                sent_at.lock().unwrap_or_else(|p| p.into_inner()).insert(id.clone(), t);
+                sent_at
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(id.clone(), t);
             }
         });
     }
     while tasks.join_next().await.is_some() {}
     let offered = start.elapsed();
-    let deadline = Instant::now() + Duration::from_secs(120);
+    let deadline = Instant::now() + Duration::from_secs(30);
     while arrivals.lock().unwrap_or_else(|p| p.into_inner()).len() < total {
         if Instant::now() > deadline {
-            return Err(Error::Timeout(format!("latency run at {rate}/s did not drain")));
+            let backlog = a.delivery().backlog().await.unwrap_or_default();
+            return Err(Error::Timeout(format!(
+                "latency run at {rate}/s did not drain: {} of {total} arrived; sender backlog {backlog:?}; {} waiting in the inbox",
+                arrivals.lock().unwrap_or_else(|p| p.into_inner()).len(),
+                b.delivery().pending_count(&pair.bob),
+            )));
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    stop.notify_waiters();
+    stop.cancel();
     let _ = consumer.await;
     let sent = sent_at.lock().unwrap_or_else(|p| p.into_inner()).clone();
     let got = arrivals.lock().unwrap_or_else(|p| p.into_inner()).clone();
@@ -338,7 +435,9 @@ async fn latency(o: &Opts, pair: &Pair, rate: u64) -> Result<serde_json::Value, 
         ms(pct(&lat, 1.0))
     );
     let f = |p| pct(&lat, p).as_secs_f64() * 1e3;
-    Ok(serde_json::json!({"rate": rate, "p50_ms": f(0.5), "p90_ms": f(0.9), "p99_ms": f(0.99), "max_ms": f(1.0)}))
+    Ok(
+        serde_json::json!({"rate": rate, "p50_ms": f(0.5), "p90_ms": f(0.9), "p99_ms": f(0.99), "max_ms": f(1.0)}),
+    )
 }
 
 async fn replay(o: &Opts, pair: &mut Pair) -> Result<serde_json::Value, Error> {
@@ -357,13 +456,17 @@ async fn replay(o: &Opts, pair: &mut Pair) -> Result<serde_json::Value, Error> {
         let (a, req) = (a.clone(), pair.request(&body));
         producers.spawn(async move {
             for _ in 0..n {
-                a.delivery().send(req.clone()).await.map_err(|e| e.to_string())?;
+                a.delivery()
+                    .send(req.clone())
+                    .await
+                    .map_err(|e| e.to_string())?;
             }
             Ok::<_, String>(())
         });
     }
     while let Some(r) = producers.join_next().await {
-        r.map_err(|e| Error::Failed(e.to_string()))?.map_err(Error::Failed)?;
+        r.map_err(|e| Error::Failed(e.to_string()))?
+            .map_err(Error::Failed)?;
     }
     let queued = start.elapsed();
     drop(a);
@@ -390,12 +493,18 @@ async fn replay(o: &Opts, pair: &mut Pair) -> Result<serde_json::Value, Error> {
             break;
         }
         if Instant::now() > deadline {
-            return Err(Error::Timeout(format!("replay stored only {stored} of {}", o.replay)));
+            return Err(Error::Timeout(format!(
+                "replay stored only {stored} of {}",
+                o.replay
+            )));
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let drained = restart.elapsed();
-    println!("\n## replay: {} messages queued while the receiver was down", o.replay);
+    println!(
+        "\n## replay: {} messages queued while the receiver was down",
+        o.replay
+    );
     println!(
         "  queued at {:.0} msg/s; sender database {:.1} MB ({:.0} bytes per queued message)",
         o.replay as f64 / queued.as_secs_f64(),

@@ -310,9 +310,33 @@ async fn send_messages(
     };
     Stats::add(&d.inner.stats.batches_sent, 1);
     answered.extend(envs.iter().map(|e| e.id.clone()));
-    apply_outcomes(d, peer, envs, outcomes, sent_at)
-        .await
-        .map_err(|e| e.to_string())?;
+    // The receiver has them: free the peer's queue for the next batch now
+    // and record the outcomes alongside. Should that write fail, the
+    // outbox rows remain and the messages go again (the receiver answers
+    // `Duplicate`), so requeue them.
+    let d2 = d.clone();
+    tokio::spawn(
+        async move {
+            let retry: Vec<(PeerId, Item)> = envs
+                .iter()
+                .map(|e| {
+                    (
+                        peer,
+                        Item {
+                            id: e.id.clone(),
+                            expires_at_ms: e.expires_at_ms,
+                            size: e.body_json.len() as u64 + 256,
+                        },
+                    )
+                })
+                .collect();
+            if let Err(e) = apply_outcomes(&d2, peer, envs, outcomes, sent_at).await {
+                warn!(error = %e, "cannot record delivery outcomes; the batch will be sent again");
+                let _ = d2.inner.courier.send(Cmd::Enqueue(retry)).await;
+            }
+        }
+        .in_current_span(),
+    );
     Ok(answered)
 }
 

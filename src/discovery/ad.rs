@@ -191,7 +191,9 @@ pub fn verify(ad: &SignedAd, now_ms: u64) -> Result<(), AdError> {
     let sig = |v: &[u8]| <[u8; 64]>::try_from(v).ok();
     let agent_sig = sig(&ad.agent_sig).ok_or(AdError::BadAgentSignature)?;
     identity::verify(
-        &b.agent_id.public_key(),
+        &b.agent_id
+            .public_key()
+            .map_err(|_| AdError::BadAgentSignature)?,
         &wire::signing_bytes("ad/agent", b),
         &agent_sig,
     )
