@@ -25,6 +25,7 @@ pub mod identity;
 pub mod net;
 pub mod node;
 pub mod routing;
+pub mod sim;
 pub mod store;
 pub mod time;
 pub mod wire;

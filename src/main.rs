@@ -65,6 +65,8 @@ enum Command {
     Inbox(cli::InboxArgs),
     /// Run a benchmark (release builds) and print its figures.
     Bench(agentmesh::bench::Args),
+    /// Run a simulation scenario (many nodes in this process, with faults).
+    Simulate(agentmesh::sim::Args),
 }
 
 #[derive(Args, Debug)]
@@ -155,6 +157,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Status(a) => cli::status(&a).await,
         Command::Inbox(a) => cli::inbox(&a).await,
         Command::Bench(b) => Ok(agentmesh::bench::run(b).await?),
+        Command::Simulate(s) => Ok(agentmesh::sim::run(s).await?),
     }
 }
 
