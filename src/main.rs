@@ -102,7 +102,9 @@ fn parse_multiaddr(s: &str) -> Result<Multiaddr, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    // Benchmarks and simulations run many nodes: only warnings by default.
+    let quiet = matches!(cli.command, Command::Bench(_) | Command::Simulate(_));
+    init_logging(cli.log_format, quiet);
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -126,12 +128,14 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new(
-            "info,libp2p_swarm=warn,libp2p_mdns=warn,libp2p_kad=error",
-        )
-    });
+fn init_logging(format: LogFormat, quiet: bool) {
+    let default = if quiet {
+        "warn,libp2p_kad=error,libp2p_gossipsub=error"
+    } else {
+        "info,libp2p_swarm=warn,libp2p_mdns=warn,libp2p_kad=error"
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
