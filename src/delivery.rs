@@ -248,6 +248,6 @@ fn verify_node_sig(peer: &PeerId, domain: &str, payload: &[u8], sig: &[u8]) -> R
     let sig: [u8; 64] = sig
         .try_into()
         .map_err(|_| "signature is not 64 bytes".to_string())?;
-    crate::identity::verify(&pk, &wire::signing_bytes_raw(domain, payload), &sig)
+    crate::identity::verify(&pk, &wire::digest_signing_bytes(domain, payload), &sig)
         .map_err(|_| format!("{domain} batch signature does not verify"))
 }

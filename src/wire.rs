@@ -100,6 +100,14 @@ pub fn signing_bytes<T: Serialize>(domain: &str, value: &T) -> Vec<u8> {
     signing_bytes_raw(domain, &encode(value))
 }
 
+/// What a batch signature covers: the domain and the SHA-512 digest of the
+/// encoded payload. Signing the digest hashes the (large) payload once
+/// instead of the twice ed25519 would.
+pub fn digest_signing_bytes(domain: &str, payload: &[u8]) -> Vec<u8> {
+    use sha2::{Digest, Sha512};
+    signing_bytes_raw(domain, &Sha512::digest(payload))
+}
+
 /// Like `signing_bytes`, over bytes that are already encoded.
 pub fn signing_bytes_raw(domain: &str, encoded: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(encoded.len() + domain.len() + 16);

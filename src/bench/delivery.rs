@@ -270,6 +270,7 @@ async fn throughput(o: &Opts, pair: &Pair) -> Result<serde_json::Value, Error> {
     };
     let (busy_a0, busy_b0) = (busy(&a), busy(&b));
     let start = Instant::now();
+    let cpu0 = cpu_time();
     let mut producers = JoinSet::new();
     let per = o.messages.div_ceil(o.concurrency.max(1));
     let mut send_lat: Vec<Duration> = Vec::with_capacity(o.messages);
@@ -318,6 +319,7 @@ async fn throughput(o: &Opts, pair: &Pair) -> Result<serde_json::Value, Error> {
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     let processed = start.elapsed();
+    let cpu = cpu_time().zip(cpu0).map(|(b, a)| b.saturating_sub(a));
     stop.cancel();
     let _ = consumer.await;
     let commits = load(&a.store().stats().commits) + load(&b.store().stats().commits) - commits0;
@@ -361,11 +363,19 @@ async fn throughput(o: &Opts, pair: &Pair) -> Result<serde_json::Value, Error> {
         "  fsynced commits on both nodes: {commits} ({:.0} messages per commit)",
         o.messages as f64 / commits.max(1) as f64
     );
+    if let Some(cpu) = cpu {
+        println!(
+            "  CPU (both nodes, producer, consumer): {:.2} s = {:.0} µs per message end to end",
+            cpu.as_secs_f64(),
+            cpu.as_secs_f64() * 1e6 / o.messages as f64
+        );
+    }
     Ok(serde_json::json!({
         "messages": o.messages, "size": o.size,
         "queued_per_s": rate(queued), "stored_per_s": rate(stored_at), "processed_per_s": rate(processed),
         "send_p50_ms": pct(&send_lat, 0.5).as_secs_f64() * 1e3, "send_p99_ms": pct(&send_lat, 0.99).as_secs_f64() * 1e3,
         "commits": commits,
+        "cpu_us_per_message": cpu.map(|c| c.as_secs_f64() * 1e6 / o.messages as f64),
     }))
 }
 
@@ -523,6 +533,18 @@ async fn replay(o: &Opts, pair: &mut Pair) -> Result<serde_json::Value, Error> {
         "restart_ms": started.as_secs_f64() * 1e3, "first_delivery_ms": first.unwrap_or(drained).as_secs_f64() * 1e3,
         "drain_per_s": o.replay as f64 / drained.as_secs_f64(),
     }))
+}
+
+/// CPU time this process has used (user + system), from /proc/self/stat;
+/// unlike wall time it is not inflated when other processes compete for
+/// the cores.
+fn cpu_time() -> Option<Duration> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    // USER_HZ is 100 on Linux.
+    Some(Duration::from_millis(ticks * 10))
 }
 
 fn load(a: &std::sync::atomic::AtomicU64) -> u64 {

@@ -6,7 +6,7 @@ use redb::ReadableTable;
 use super::records::{self, InboxRecord, InboxState};
 use super::{Delivery, Error, Stats};
 use crate::identity::AgentId;
-use crate::store::tables::{INBOX, RECEIPTS_OUT};
+use crate::store::tables::{INBOX, INBOX_MESSAGES, RECEIPTS_OUT};
 use crate::time::now_ms;
 use crate::wire::{self, Receipt, ReceiptKind};
 
@@ -47,6 +47,7 @@ impl Delivery {
             .store
             .write(move |txn| {
                 let mut inbox = txn.open_table(INBOX)?;
+                let mut messages = txn.open_table(INBOX_MESSAGES)?;
                 let mut out_receipts = txn.open_table(RECEIPTS_OUT)?;
                 let mut results = Vec::with_capacity(acks.len());
                 let mut receipts = Vec::new();
@@ -76,9 +77,9 @@ impl Delivery {
                         continue;
                     }
                     rec.state = InboxState::Acked;
-                    rec.envelope = None;
                     rec.lease_until_ms = 0;
                     inbox.insert((a.as_str(), id.as_str()), wire::encode(&rec).as_slice())?;
+                    messages.remove((a.as_str(), id.as_str()))?;
                     let receipt = Receipt {
                         message_id: id.clone(),
                         kind: ReceiptKind::Processed { result_json },

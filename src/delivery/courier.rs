@@ -360,7 +360,7 @@ async fn request_delivery(
     let sig = d
         .inner
         .node_key
-        .sign(&wire::signing_bytes_raw("deliver", &payload))
+        .sign(&wire::digest_signing_bytes("deliver", &payload))
         .to_vec();
     let bytes = d
         .inner
@@ -535,7 +535,7 @@ async fn send_receipts(
         let sig = d
             .inner
             .node_key
-            .sign(&wire::signing_bytes_raw("receipts", &payload))
+            .sign(&wire::digest_signing_bytes("receipts", &payload))
             .to_vec();
         let bytes = d
             .inner

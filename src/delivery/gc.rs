@@ -8,7 +8,9 @@ use tracing::{debug, warn};
 
 use super::records::{self, InboxRecord, InboxState, Tracking};
 use super::{Delivery, Stats};
-use crate::store::tables::{IDEMPOTENCY, INBOX, OUT_MESSAGES, OUT_STATUS, RECEIPTS_OUT, REPLIES};
+use crate::store::tables::{
+    IDEMPOTENCY, INBOX, INBOX_MESSAGES, OUT_MESSAGES, OUT_STATUS, RECEIPTS_OUT, REPLIES,
+};
 use crate::time::now_ms;
 use crate::wire::{self, Receipt, ReceiptKind};
 
@@ -38,6 +40,7 @@ impl Delivery {
                 let mut receipts_due = Vec::new();
                 {
                     let mut inbox = txn.open_table(INBOX)?;
+                    let mut messages = txn.open_table(INBOX_MESSAGES)?;
                     let mut receipts = txn.open_table(RECEIPTS_OUT)?;
                     let mut expire = Vec::new();
                     let mut remove = Vec::new();
@@ -59,9 +62,9 @@ impl Delivery {
                     }
                     for (agent, id, mut rec) in expire {
                         rec.state = InboxState::Expired;
-                        rec.envelope = None;
                         inbox
                             .insert((agent.as_str(), id.as_str()), wire::encode(&rec).as_slice())?;
+                        messages.remove((agent.as_str(), id.as_str()))?;
                         let receipt = Receipt {
                             message_id: id.clone(),
                             kind: ReceiptKind::Expired,

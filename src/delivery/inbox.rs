@@ -19,7 +19,7 @@ use super::records::{self, InboxRecord, InboxState};
 use super::{Delivery, Error, MAX_POLL, MAX_WAIT_SECS, Stats, courier, ids, verify_node_sig};
 use crate::discovery::ad;
 use crate::identity::AgentId;
-use crate::store::tables::{INBOX, RECEIPTS_OUT, REPLIES};
+use crate::store::tables::{INBOX, INBOX_MESSAGES, RECEIPTS_OUT, REPLIES};
 use crate::time::now_ms;
 use crate::wire::envelope::{DeliverPayload, MAX_BATCH_BYTES, MAX_BATCH_MESSAGES};
 use crate::wire::{self, Envelope, Outcome, Receipt, ReceiptKind, Rejection};
@@ -231,6 +231,7 @@ impl Delivery {
             .store
             .write(move |txn| {
                 let mut inbox = txn.open_table(INBOX)?;
+                let mut messages = txn.open_table(INBOX_MESSAGES)?;
                 let mut replies = txn.open_table(REPLIES)?;
                 let now = now_ms();
                 let mut outcomes = Vec::with_capacity(checked.len());
@@ -252,9 +253,9 @@ impl Delivery {
                         delivery_count: 0,
                         lease_until_ms: 0,
                         expires_at_ms: env.expires_at_ms,
-                        envelope: Some(env.clone()),
                     };
                     inbox.insert(key, wire::encode(&rec).as_slice())?;
+                    messages.insert(key, wire::encode(&env).as_slice())?;
                     if let Some(orig) = &env.reply_to {
                         replies.insert((orig.as_str(), env.id.as_str()), ())?;
                     }
@@ -368,6 +369,7 @@ impl Delivery {
             .store
             .write(move |txn| {
                 let mut inbox = txn.open_table(INBOX)?;
+                let mut messages = txn.open_table(INBOX_MESSAGES)?;
                 let mut receipts = txn.open_table(RECEIPTS_OUT)?;
                 let mut out = Vec::with_capacity(offer.len());
                 let mut queued = Vec::new();
@@ -385,13 +387,7 @@ impl Delivery {
                     rec.delivery_count += 1;
                     rec.lease_until_ms = lease_until;
                     inbox.insert((a.as_str(), id.as_str()), wire::encode(&rec).as_slice())?;
-                    if let Some(env) = rec.envelope {
-                        out.push(InboxMessage {
-                            envelope: env,
-                            received_at_ms: rec.received_at_ms,
-                            delivery_count: rec.delivery_count,
-                        });
-                    }
+                    out.push((id.clone(), rec.received_at_ms, rec.delivery_count));
                 }
                 for (ids, final_state) in [
                     (&dead, InboxState::DeadLetter),
@@ -412,9 +408,9 @@ impl Delivery {
                             _ => ReceiptKind::Expired,
                         };
                         rec.state = final_state;
-                        rec.envelope = None;
                         rec.lease_until_ms = 0;
                         inbox.insert((a.as_str(), id.as_str()), wire::encode(&rec).as_slice())?;
+                        messages.remove((a.as_str(), id.as_str()))?;
                         let receipt = Receipt {
                             message_id: id.clone(),
                             kind,
@@ -431,17 +427,45 @@ impl Delivery {
             })
             .await;
         match result {
-            Ok((out, queued)) => {
+            Ok((leased, queued)) => {
                 Stats::add(&self.inner.stats.dead_lettered, sel.dead.len());
                 Stats::add(&self.inner.stats.expired, sel.expired.len());
                 self.queue_receipts(queued).await;
-                Ok(out)
+                // Envelopes never change: read them outside the writer.
+                self.read_envelopes(agent, leased)
             }
             Err(e) => {
                 self.unselect(agent, &sel.offer);
                 Err(e.into())
             }
         }
+    }
+
+    fn read_envelopes(
+        &self,
+        agent: &AgentId,
+        leased: Vec<(String, u64, u32)>,
+    ) -> Result<Vec<InboxMessage>, Error> {
+        let r = self.inner.store.read()?;
+        let t = r
+            .open_table(INBOX_MESSAGES)
+            .map_err(crate::store::Error::from)?;
+        let mut out = Vec::with_capacity(leased.len());
+        for (id, received_at_ms, delivery_count) in leased {
+            let Some(v) = t
+                .get((agent.as_str(), id.as_str()))
+                .map_err(crate::store::Error::from)?
+            else {
+                // Acknowledged meanwhile by a concurrent call.
+                continue;
+            };
+            out.push(InboxMessage {
+                envelope: records::decode("inbox_messages", v.value())?,
+                received_at_ms,
+                delivery_count,
+            });
+        }
+        Ok(out)
     }
 
     /// Long-poll: lease up to `max` messages, waiting up to `wait` for some.

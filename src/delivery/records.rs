@@ -163,11 +163,10 @@ pub enum InboxState {
     Expired,
 }
 
-/// A received message.
+/// The state of a received message (its envelope is stored apart, in
+/// `INBOX_MESSAGES`, until the message reaches a final state).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InboxRecord {
-    /// The message (dropped once it reaches a final state).
-    pub envelope: Option<Envelope>,
     /// Node that sent it (receipts go there).
     pub from_node: String,
     /// Where it stands.

@@ -20,8 +20,13 @@ pub(crate) const IDEMPOTENCY: TableDefinition<(&str, &str), &[u8]> =
     TableDefinition::new("idempotency");
 /// `(original message id, reply message id)` → ().
 pub(crate) const REPLIES: TableDefinition<(&str, &str), ()> = TableDefinition::new("replies");
-/// Received messages: `(recipient agent, message id)` → inbox record.
+/// Received messages' state: `(recipient agent, message id)` → inbox record
+/// (small, rewritten on every offer and ack).
 pub(crate) const INBOX: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("inbox");
+/// Received messages' envelopes, same key; written once, removed when the
+/// message reaches a final state.
+pub(crate) const INBOX_MESSAGES: TableDefinition<(&str, &str), &[u8]> =
+    TableDefinition::new("inbox_messages");
 /// Receipts not yet confirmed by the sender's node: `(sender node, message id)` → receipt.
 pub(crate) const RECEIPTS_OUT: TableDefinition<(&str, &str), &[u8]> =
     TableDefinition::new("receipts_out");
@@ -37,6 +42,7 @@ pub(crate) fn create_all(txn: &WriteTransaction) -> Result<(), redb::TableError>
     txn.open_table(IDEMPOTENCY)?;
     txn.open_table(REPLIES)?;
     txn.open_table(INBOX)?;
+    txn.open_table(INBOX_MESSAGES)?;
     txn.open_table(RECEIPTS_OUT)?;
     Ok(())
 }

@@ -35,7 +35,7 @@ pub enum Request {
         key: String,
     },
     /// A batch of messages: `payload` is an encoded `DeliverPayload`,
-    /// `sig` the sending node's signature over `signing_bytes("deliver", payload)`.
+    /// `sig` the sending node's signature over `digest_signing_bytes("deliver", payload)`.
     Deliver {
         /// Encoded `DeliverPayload`.
         payload: Vec<u8>,
@@ -46,7 +46,7 @@ pub enum Request {
     Receipts {
         /// Encoded `ReceiptPayload`.
         payload: Vec<u8>,
-        /// Node signature over `signing_bytes("receipts", payload)`.
+        /// Node signature over `digest_signing_bytes("receipts", payload)`.
         sig: Vec<u8>,
     },
 }
