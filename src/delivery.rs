@@ -142,6 +142,8 @@ struct Inner {
     ids: ids::IdGen,
     courier: mpsc::Sender<courier::Cmd>,
     inboxes: inbox::Inboxes,
+    /// Addresses last given to the swarm per peer (avoids re-teaching them per message).
+    taught: std::sync::Mutex<std::collections::HashMap<PeerId, Vec<libp2p::Multiaddr>>>,
     stats: Stats,
 }
 
@@ -190,6 +192,7 @@ impl Delivery {
                 ids: ids::IdGen::default(),
                 courier: tx,
                 inboxes: inbox::Inboxes::default(),
+                taught: std::sync::Mutex::new(std::collections::HashMap::new()),
                 stats: Stats::default(),
             }),
         };

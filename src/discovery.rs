@@ -286,6 +286,16 @@ impl Discovery {
         self.read_local().get(id).cloned()
     }
 
+    /// Whether an agent is registered on this node (no copy made).
+    pub fn is_local(&self, id: &AgentId) -> bool {
+        self.read_local().contains_key(id)
+    }
+
+    /// The handle of a local agent.
+    pub fn local_handle(&self, id: &AgentId) -> Option<String> {
+        self.read_local().get(id).map(|a| a.handle.clone())
+    }
+
     /// The local agent with this handle.
     pub fn local_by_handle(&self, handle: &str) -> Option<(AgentId, LocalAgent)> {
         self.read_local()

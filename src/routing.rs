@@ -85,8 +85,8 @@ impl Recipient {
         Some(Recipient {
             agent_id: b.agent_id.clone(),
             handle: b.handle.clone(),
-            node_id: b.node_id.parse().ok()?,
-            addrs: b.node_addrs.iter().filter_map(|a| a.parse().ok()).collect(),
+            node_id: e.node?,
+            addrs: e.addrs.clone(),
         })
     }
 }

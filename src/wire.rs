@@ -100,12 +100,13 @@ pub fn signing_bytes<T: Serialize>(domain: &str, value: &T) -> Vec<u8> {
     signing_bytes_raw(domain, &encode(value))
 }
 
-/// What a batch signature covers: the domain and the SHA-512 digest of the
-/// encoded payload. Signing the digest hashes the (large) payload once
-/// instead of the twice ed25519 would.
+/// What a batch signature covers: the domain and the SHA-256 digest of the
+/// encoded payload. Signing the digest hashes the (large) payload once, with
+/// the CPU's SHA extensions where it has them, instead of twice with
+/// ed25519's SHA-512.
 pub fn digest_signing_bytes(domain: &str, payload: &[u8]) -> Vec<u8> {
-    use sha2::{Digest, Sha512};
-    signing_bytes_raw(domain, &Sha512::digest(payload))
+    use sha2::{Digest, Sha256};
+    signing_bytes_raw(domain, &Sha256::digest(payload))
 }
 
 /// Like `signing_bytes`, over bytes that are already encoded.

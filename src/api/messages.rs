@@ -288,7 +288,7 @@ pub async fn events(
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     let agent = parse_agent_id(&agent)?;
     // Fail fast on an unknown agent instead of opening a stream.
-    if node.discovery().local_agent(&agent).is_none() {
+    if !node.discovery().is_local(&agent) {
         return Err(delivery_error(delivery::Error::AgentNotLocal(agent)));
     }
     let stream = futures::stream::unfold((node, agent), |(node, agent)| async move {

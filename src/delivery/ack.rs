@@ -35,7 +35,7 @@ impl Delivery {
         agent: &AgentId,
         acks: Vec<(String, Option<String>)>,
     ) -> Result<Vec<Result<(), Error>>, Error> {
-        if self.inner.discovery.local_agent(agent).is_none() {
+        if !self.inner.discovery.is_local(agent) {
             return Err(Error::AgentNotLocal(agent.clone()));
         }
         if acks.len() > MAX_ACKS {

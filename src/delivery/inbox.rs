@@ -214,7 +214,7 @@ impl Delivery {
         if serde_json::from_str::<serde::de::IgnoredAny>(&env.body_json).is_err() {
             return Some(Rejection::Invalid("body is not valid JSON".into()));
         }
-        if self.inner.discovery.local_agent(&env.to).is_none() {
+        if !self.inner.discovery.is_local(&env.to) {
             return Some(Rejection::UnknownRecipient);
         }
         None
@@ -352,7 +352,7 @@ impl Delivery {
 
     /// Lease up to `max` messages to a local agent now (no waiting).
     pub async fn offer(&self, agent: &AgentId, max: usize) -> Result<Vec<InboxMessage>, Error> {
-        if self.inner.discovery.local_agent(agent).is_none() {
+        if !self.inner.discovery.is_local(agent) {
             return Err(Error::AgentNotLocal(agent.clone()));
         }
         let now = now_ms();
@@ -523,10 +523,13 @@ impl Delivery {
         if rows.is_empty() {
             return;
         }
+        // Rows come in runs per sender node: parse each node id once.
+        let mut peers: HashMap<String, Option<PeerId>> = HashMap::new();
         let items = rows
             .into_iter()
             .filter_map(|(node, id)| {
-                node.parse::<PeerId>().ok().map(|p| {
+                let peer = *peers.entry(node).or_insert_with_key(|n| n.parse().ok());
+                peer.map(|p| {
                     (
                         p,
                         Item {

@@ -130,17 +130,15 @@ impl Queues {
         let Some(p) = self.peers.get_mut(peer) else {
             return;
         };
+        let answered: std::collections::HashSet<&str> = answered.iter().map(String::as_str).collect();
         let flight: Vec<Item> = p.items.drain(..p.in_flight.min(p.items.len())).collect();
-        let mut kept = 0;
         for item in flight.into_iter().rev() {
-            if answered.contains(&item.id) {
+            if answered.contains(item.id.as_str()) {
                 self.total -= 1;
             } else {
                 p.items.push_front(item);
-                kept += 1;
             }
         }
-        let _ = kept;
         p.in_flight = 0;
         p.failures = 0;
         p.retry_at = None;

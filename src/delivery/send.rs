@@ -57,10 +57,10 @@ pub struct Sent {
 impl Delivery {
     /// Queue a message durably and hand it to the courier.
     pub async fn send(&self, req: SendRequest) -> Result<Sent, Error> {
-        let from = self
+        let from_handle = self
             .inner
             .discovery
-            .local_agent(&req.from)
+            .local_handle(&req.from)
             .ok_or_else(|| Error::SenderNotLocal(req.from.to_string()))?;
         let limit = self.inner.cfg.max_body_bytes;
         if req.body_json.len() > limit {
@@ -117,7 +117,7 @@ impl Delivery {
                 trace_id: req.trace_id.clone().unwrap_or_else(|| id.clone()),
                 id,
                 from: req.from.clone(),
-                from_handle: from.handle.clone(),
+                from_handle: from_handle.clone(),
                 to: r.agent_id.clone(),
                 subject: req.subject.clone(),
                 body_json: req.body_json.clone(),
@@ -194,12 +194,8 @@ impl Delivery {
         Stats::add(&self.inner.stats.queued, prepared.len());
         let mut items: Vec<(PeerId, Item)> = Vec::with_capacity(prepared.len());
         for (env, _, r) in &prepared {
-            if r.node_id != self.inner.node_id && !r.addrs.is_empty() {
-                let _ = self
-                    .inner
-                    .net
-                    .add_addresses(r.node_id, r.addrs.clone())
-                    .await;
+            if r.node_id != self.inner.node_id {
+                self.teach_addresses(r).await;
             }
             items.push((
                 r.node_id,
@@ -218,6 +214,22 @@ impl Delivery {
             fan_out,
             replayed: false,
         })
+    }
+
+    /// Tell the swarm where a recipient's node is, once per change of its
+    /// advertised addresses (not once per message).
+    async fn teach_addresses(&self, r: &Recipient) {
+        if r.addrs.is_empty() {
+            return;
+        }
+        {
+            let mut known = self.inner.taught.lock().unwrap_or_else(|p| p.into_inner());
+            if known.get(&r.node_id) == Some(&r.addrs) {
+                return;
+            }
+            known.insert(r.node_id, r.addrs.clone());
+        }
+        let _ = self.inner.net.add_addresses(r.node_id, r.addrs.clone()).await;
     }
 
     fn idempotent_answer(

@@ -18,6 +18,10 @@ pub struct Entry {
     pub received_at_ms: u64,
     /// Registered on this node.
     pub local: bool,
+    /// The hosting node's id, parsed once (the ad carries it as text).
+    pub node: Option<libp2p::PeerId>,
+    /// The hosting node's addresses, parsed once.
+    pub addrs: Vec<libp2p::Multiaddr>,
 }
 
 impl Entry {
@@ -65,12 +69,16 @@ impl Registry {
             .or_default()
             .insert(id.clone());
         let local = local || self.by_id.get(&id).is_some_and(|e| e.local);
+        let node = ad.body.node_id.parse().ok();
+        let addrs = ad.body.node_addrs.iter().filter_map(|a| a.parse().ok()).collect();
         self.by_id.insert(
             id,
             Entry {
                 ad,
                 received_at_ms: now_ms,
                 local,
+                node,
+                addrs,
             },
         );
         outcome
