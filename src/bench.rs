@@ -4,6 +4,8 @@
 //! # Layout
 //! - `discovery`: ad convergence across a mesh, and late-joiner catch-up.
 //! - `delivery`: durable node→node throughput, latency, outbox replay.
+//! - `limits`: the machine's physical limits (disk fsync, ed25519, loopback
+//!   TCP) to read the other figures against.
 //! - `support`: machine facts, timing summaries, polling with deadlines,
 //!   scratch directories.
 
@@ -11,6 +13,7 @@ use clap::{Args as ClapArgs, Subcommand};
 
 pub mod delivery;
 pub mod discovery;
+pub mod limits;
 mod support;
 
 /// Errors of a benchmark run.
@@ -44,6 +47,9 @@ pub enum Which {
     /// Durable node→node delivery: throughput, latency at fixed rates,
     /// and outbox replay after a restart.
     Delivery(delivery::Opts),
+    /// The machine's physical limits: disk fsync rate, ed25519 sign and
+    /// verify rate on one core, loopback TCP bandwidth and round trips.
+    Limits(limits::Opts),
 }
 
 /// Run the chosen benchmark.
@@ -51,5 +57,6 @@ pub async fn run(args: Args) -> Result<(), Error> {
     match args.which {
         Which::Discovery(opts) => discovery::run(opts).await,
         Which::Delivery(opts) => delivery::run(opts).await,
+        Which::Limits(opts) => limits::run(opts).await,
     }
 }
