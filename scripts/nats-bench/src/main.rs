@@ -44,6 +44,8 @@ pub struct Opts {
     pub json: bool,
     /// The server's process id, to count its CPU time too (Linux /proc).
     pub server_pid: Option<u32>,
+    /// Client worker threads (0: one per core; 1: a single-threaded runtime).
+    pub threads: usize,
 }
 
 impl Default for Opts {
@@ -60,6 +62,7 @@ impl Default for Opts {
             rate_secs: 10,
             json: false,
             server_pid: None,
+            threads: 0,
         }
     }
 }
@@ -67,7 +70,7 @@ impl Default for Opts {
 const USAGE: &str =
     "usage: nats-bench [--url HOST:PORT] [--label NAME] [--messages N] [--size BYTES]
                   [--inflight N] [--batch N] [--max-ack-pending N] [--rate MSG_PER_S]
-                  [--rate-secs S] [--server-pid PID] [--json]";
+                  [--rate-secs S] [--server-pid PID] [--threads N] [--json]";
 
 fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Opts> {
     let mut o = Opts::default();
@@ -98,6 +101,7 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Opts> {
             "--rate" => o.rate = num(&value)?,
             "--rate-secs" => o.rate_secs = num(&value)?,
             "--server-pid" => o.server_pid = Some(num(&value)? as u32),
+            "--threads" => o.threads = num(&value)? as usize,
             _ => bail!("unknown option {flag}\n{USAGE}"),
         }
     }
@@ -148,9 +152,24 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-#[tokio::main(flavor = "current_thread")]
-async fn main() -> Result<()> {
+fn main() -> Result<()> {
     let o = parse_args(std::env::args().skip(1))?;
+    let rt = if o.threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        if o.threads > 1 {
+            b.worker_threads(o.threads);
+        }
+        b.enable_all().build()
+    }
+    .context("starting the tokio runtime")?;
+    rt.block_on(run(o))
+}
+
+async fn run(o: Opts) -> Result<()> {
     let client = workload::connect(&o.url).await?;
     let js = async_nats::jetstream::ContextBuilder::new()
         .timeout(Duration::from_secs(30))
@@ -193,7 +212,7 @@ async fn main() -> Result<()> {
     let mut figures = serde_json::json!({
         "cpu_us_per_message": cpu, "cpu_includes_server": o.server_pid.is_some(),
         "label": o.label, "messages": o.messages, "size": o.size, "inflight": o.inflight,
-        "batch": o.batch, "max_ack_pending": o.max_ack_pending,
+        "batch": o.batch, "max_ack_pending": o.max_ack_pending, "threads": o.threads,
         "published_per_s": rate(tp.published), "processed_per_s": rate(tp.acked),
         "publish_p50_ms": ms(pct(&tp.publish_lat, 0.5)), "publish_p99_ms": ms(pct(&tp.publish_lat, 0.99)),
         "redelivered": tp.redelivered,
