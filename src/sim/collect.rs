@@ -10,8 +10,8 @@ use super::live::Live;
 use super::metrics::{self, Percentiles, Spread, classify};
 use super::plots::{self, PlotData};
 use super::report::{
-    BYTES_METHOD, Convergence, Integrity, NodeCounters, NodeTraffic, PerNode, Phases, SeriesPoint,
-    Sends, Setting, Summary,
+    BYTES_METHOD, Convergence, Integrity, NodeCounters, NodeTraffic, PerNode, Phases, Sends,
+    SeriesPoint, Setting, Summary,
 };
 use super::scenario::TopologyKind;
 use super::schedule::Plan;
@@ -131,14 +131,23 @@ pub fn summary(
     let node = &s.node;
     let timers: BTreeMap<String, String> = [
         ("discovery.ad_ttl", node.discovery.ad_ttl),
-        ("discovery.refresh_interval", node.discovery.refresh_interval),
-        ("discovery.anti_entropy_interval", node.discovery.anti_entropy_interval),
+        (
+            "discovery.refresh_interval",
+            node.discovery.refresh_interval,
+        ),
+        (
+            "discovery.anti_entropy_interval",
+            node.discovery.anti_entropy_interval,
+        ),
         ("delivery.lease", node.delivery.lease),
         ("delivery.ttl", node.delivery.default_ttl),
         ("delivery.retry_initial", node.delivery.retry_initial),
         ("delivery.retry_max", node.delivery.retry_max),
         ("network.idle_timeout", node.network.idle_timeout),
-        ("network.kad_bootstrap_interval", node.network.kad_bootstrap_interval),
+        (
+            "network.kad_bootstrap_interval",
+            node.network.kad_bootstrap_interval,
+        ),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), humantime::format_duration(v).to_string()))
@@ -149,7 +158,11 @@ pub fn summary(
         seed,
         command: std::env::args().collect::<Vec<_>>().join(" "),
         date_utc,
-        build: if cfg!(debug_assertions) { "debug" } else { "release" },
+        build: if cfg!(debug_assertions) {
+            "debug"
+        } else {
+            "release"
+        },
         cores: std::thread::available_parallelism().map_or(0, |n| n.get()),
         nodes_initial: plan.initial,
         nodes_total: w.live.with(|v| v.handles.len()),
@@ -163,7 +176,11 @@ pub fn summary(
         agents_per_node: s.mesh.agents_per_node,
         timers,
         traffic: s.traffic.as_ref().map(|t| {
-            let mix: Vec<String> = t.mix.iter().map(|(p, w)| format!("{}:{w}", p.as_str())).collect();
+            let mix: Vec<String> = t
+                .mix
+                .iter()
+                .map(|(p, w)| format!("{}:{w}", p.as_str()))
+                .collect();
             format!(
                 "{} sends/s of {} bytes, mix [{}], from {:?} to {:?}, ttl {}, at most {} in flight",
                 t.rate,
@@ -234,7 +251,10 @@ pub fn summary(
                 bytes_est: spread_opt(col(|n| n.bytes_est)),
                 nodes,
             };
-            let sent_times = b.msgs.values().filter_map(|m| Some(m.send.as_ref()?.sent_s));
+            let sent_times = b
+                .msgs
+                .values()
+                .filter_map(|m| Some(m.send.as_ref()?.sent_s));
             let accepted = metrics::cumulative_per_second(sent_times, end_s);
             let recv_times = b
                 .msgs
@@ -242,7 +262,9 @@ pub fn summary(
                 .filter(|m| m.send.is_some())
                 .filter_map(|m| m.received_s);
             let delivered = metrics::cumulative_per_second(recv_times, end_s);
-            (outcomes, sends, integrity, lat, by, per_node, accepted, delivered)
+            (
+                outcomes, sends, integrity, lat, by, per_node, accepted, delivered,
+            )
         });
     let integrity = Integrity {
         inbox_pending_at_end: extra.inbox_pending,
@@ -263,7 +285,9 @@ pub fn summary(
         )
     };
     let convergence = Convergence {
-        initial_all_s: phases.warmup_converged.then_some(phases.register_s + phases.warmup_s),
+        initial_all_s: phases
+            .warmup_converged
+            .then_some(phases.register_s + phases.warmup_s),
         probes_converged: probes.iter().filter(|p| p.all_s.is_some()).count(),
         probes_not_converged: probes.iter().filter(|p| p.all_s.is_none()).count(),
         probe_all_s: spread_opt(probes.iter().filter_map(|p| p.all_s).collect()),
@@ -274,13 +298,22 @@ pub fn summary(
         probes: probes.clone(),
         joiners,
     };
-    let mut curves = vec![("warm-up: (node, agent) pairs known".to_string(), warmup_curve)];
-    curves.extend(
-        probes
-            .iter()
-            .map(|p| (format!("probe {} (t={:.0}s)", p.n, p.start_s), p.curve.clone())),
-    );
-    let at = |v: &[u64], t: f64| v.get(t.max(0.0) as usize).or(v.last()).copied().unwrap_or(0);
+    let mut curves = vec![(
+        "warm-up: (node, agent) pairs known".to_string(),
+        warmup_curve,
+    )];
+    curves.extend(probes.iter().map(|p| {
+        (
+            format!("probe {} (t={:.0}s)", p.n, p.start_s),
+            p.curve.clone(),
+        )
+    }));
+    let at = |v: &[u64], t: f64| {
+        v.get(t.max(0.0) as usize)
+            .or(v.last())
+            .copied()
+            .unwrap_or(0)
+    };
     let series = samples
         .iter()
         .map(|x| SeriesPoint {

@@ -285,8 +285,8 @@ mod tests {
             event("at = \"1s\"\nkind = \"heal\"").unwrap().kind,
             EventKind::Heal
         );
-        let e = event("at = \"1s\"\nkind = \"slow_link\"\nfraction = 0.1\ndelay = \"200ms\"")
-            .unwrap();
+        let e =
+            event("at = \"1s\"\nkind = \"slow_link\"\nfraction = 0.1\ndelay = \"200ms\"").unwrap();
         assert_eq!(
             e.kind,
             EventKind::SlowLink {
@@ -304,16 +304,37 @@ mod tests {
     #[test]
     fn errors_name_the_event_and_key() {
         for (text, needles) in [
-            ("at = \"1s\"\nkind = \"heal\"\nnodes = 2", &["events[3]", "nodes"][..]),
-            ("at = \"1s\"\nkind = \"explode\"", &["events[3].kind", "explode"]),
-            ("at = \"1s\"\nkind = \"crash\"", &["events[3]", "nodes or fraction"]),
-            ("at = \"1s\"\nkind = \"crash\"\nnodes = 1\nfraction = 0.5", &["not both"]),
-            ("at = \"1s\"\nkind = \"crash\"\nfraction = 1.5", &["fraction"]),
+            (
+                "at = \"1s\"\nkind = \"heal\"\nnodes = 2",
+                &["events[3]", "nodes"][..],
+            ),
+            (
+                "at = \"1s\"\nkind = \"explode\"",
+                &["events[3].kind", "explode"],
+            ),
+            (
+                "at = \"1s\"\nkind = \"crash\"",
+                &["events[3]", "nodes or fraction"],
+            ),
+            (
+                "at = \"1s\"\nkind = \"crash\"\nnodes = 1\nfraction = 0.5",
+                &["not both"],
+            ),
+            (
+                "at = \"1s\"\nkind = \"crash\"\nfraction = 1.5",
+                &["fraction"],
+            ),
             ("at = \"200s\"\nkind = \"heal\"", &["events[3].at"]),
             ("at = \"1s\"\nkind = \"churn\"", &["rate_per_min"]),
             ("at = \"1s\"\nkind = \"slow_link\"\nnodes = 1", &["delay"]),
-            ("at = \"1s\"\nkind = \"partition\"\ngroups = [1.0]", &["groups"]),
-            ("at = \"1s\"\nkind = \"late_join\"\nfraction = 0.5", &["nodes"]),
+            (
+                "at = \"1s\"\nkind = \"partition\"\ngroups = [1.0]",
+                &["groups"],
+            ),
+            (
+                "at = \"1s\"\nkind = \"late_join\"\nfraction = 0.5",
+                &["nodes"],
+            ),
             ("at = \"1s\"\nkind = \"heal\"\nbogus = 1", &["bogus"]),
         ] {
             let e = event(text).unwrap_err();

@@ -223,7 +223,14 @@ mod tests {
         let departed: BTreeSet<usize> = [5, 6].into();
         let o = classify(&b, &departed, 10_000, 1_000);
         assert_eq!(
-            (o.accepted, o.delivered, o.recipient_left, o.sender_left, o.expired, o.missing),
+            (
+                o.accepted,
+                o.delivered,
+                o.recipient_left,
+                o.sender_left,
+                o.expired,
+                o.missing
+            ),
             (5, 1, 1, 1, 1, 1)
         );
         assert_eq!(o.missing_ids, vec!["lost".to_string()]);

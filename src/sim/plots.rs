@@ -58,7 +58,11 @@ fn latency_cdf(path: &Path, d: &PlotData) -> Result<(), String> {
     let hi = pts.last().map_or(10.0, |p| p.0).max(lo * 10.0);
     let mut chart = ChartBuilder::on(&root)
         .caption(
-            format!("{}: send → consumer latency CDF ({} messages)", d.name, d.latencies_ms.len()),
+            format!(
+                "{}: send → consumer latency CDF ({} messages)",
+                d.name,
+                d.latencies_ms.len()
+            ),
             ("sans-serif", 22),
         )
         .margin(15)
@@ -73,7 +77,10 @@ fn latency_cdf(path: &Path, d: &PlotData) -> Result<(), String> {
         .draw()
         .map_err(|e| e.to_string())?;
     chart
-        .draw_series(LineSeries::new(pts.into_iter().map(|(x, y)| (x.max(lo), y)), &BLUE))
+        .draw_series(LineSeries::new(
+            pts.into_iter().map(|(x, y)| (x.max(lo), y)),
+            &BLUE,
+        ))
         .map_err(|e| e.to_string())?;
     root.present().map_err(|e| e.to_string())
 }
@@ -108,7 +115,10 @@ fn delivered(path: &Path, d: &PlotData) -> Result<(), String> {
         .draw()
         .map_err(|e| e.to_string())?;
     let series = |v: &[u64]| -> Vec<(f64, f64)> {
-        v.iter().enumerate().map(|(i, n)| (i as f64, *n as f64)).collect()
+        v.iter()
+            .enumerate()
+            .map(|(i, n)| (i as f64, *n as f64))
+            .collect()
     };
     let green = RGBColor(0, 140, 0);
     chart
@@ -231,7 +241,11 @@ mod tests {
             let paths = write_all(dir.path(), &d).unwrap();
             for p in paths {
                 let svg = std::fs::read_to_string(&p).unwrap();
-                assert!(svg.starts_with("<svg") && svg.len() > 500, "{}", p.display());
+                assert!(
+                    svg.starts_with("<svg") && svg.len() > 500,
+                    "{}",
+                    p.display()
+                );
             }
         }
     }

@@ -64,6 +64,10 @@ pub struct Phases {
     pub drain_s: f64,
     /// Whether the drain finished before its bound.
     pub drained: bool,
+    /// Reading the nodes' state after the settle.
+    pub collect_s: f64,
+    /// Stopping every node.
+    pub stop_s: f64,
     /// Everything.
     pub total_s: f64,
 }
@@ -247,7 +251,10 @@ impl Summary {
             ));
         }
         if self.integrity.misrouted > 0 {
-            p.push(format!("{} messages handed to the wrong agent", self.integrity.misrouted));
+            p.push(format!(
+                "{} messages handed to the wrong agent",
+                self.integrity.misrouted
+            ));
         }
         if m.unknown_received > 0 {
             p.push(format!(
@@ -278,16 +285,32 @@ impl Summary {
         let mut l = vec![
             format!(
                 "== {} (seed {}; {} build, {} cores; {} nodes at start, {} in all, {} left for good)",
-                s.scenario, s.seed, s.build, s.cores, s.nodes_initial, s.nodes_total, s.nodes_departed
+                s.scenario,
+                s.seed,
+                s.build,
+                s.cores,
+                s.nodes_initial,
+                s.nodes_total,
+                s.nodes_departed
             ),
             format!(
-                "phases: nodes started in {:.1} s, warm-up {:.1} s{}, timeline {:.1} s, drain {:.1} s{}, total {:.1} s",
+                "phases: nodes started in {:.1} s, warm-up {:.1} s{}, timeline {:.1} s, drain {:.1} s{}, collect {:.1} s, stop {:.1} s, total {:.1} s",
                 self.phases.start_nodes_s,
                 self.phases.warmup_s,
-                if self.phases.warmup_converged { "" } else { " (timed out)" },
+                if self.phases.warmup_converged {
+                    ""
+                } else {
+                    " (timed out)"
+                },
                 self.phases.timeline_s,
                 self.phases.drain_s,
-                if self.phases.drained { "" } else { " (bound hit)" },
+                if self.phases.drained {
+                    ""
+                } else {
+                    " (bound hit)"
+                },
+                self.phases.collect_s,
+                self.phases.stop_s,
                 self.phases.total_s
             ),
             format!(
@@ -319,7 +342,9 @@ impl Summary {
             ),
             format!(
                 "convergence: initial {} s; probes {} converged / {} not, every node saw a probe after {}",
-                self.convergence.initial_all_s.map_or("-".into(), |v| format!("{v:.2}")),
+                self.convergence
+                    .initial_all_s
+                    .map_or("-".into(), |v| format!("{v:.2}")),
                 self.convergence.probes_converged,
                 self.convergence.probes_not_converged,
                 secs(&self.convergence.probe_all_s)
@@ -332,16 +357,19 @@ impl Summary {
             ),
             format!(
                 "per node: received {}; bytes (estimated) {}",
-                self.per_node
-                    .received
-                    .map_or("-".into(), |v| format!("median {:.0}, max {:.0}", v.median, v.max)),
-                self.per_node
-                    .bytes_est
-                    .map_or("-".into(), |v| format!("median {:.0}, max {:.0}", v.median, v.max))
+                self.per_node.received.map_or("-".into(), |v| format!(
+                    "median {:.0}, max {:.0}",
+                    v.median, v.max
+                )),
+                self.per_node.bytes_est.map_or("-".into(), |v| format!(
+                    "median {:.0}, max {:.0}",
+                    v.median, v.max
+                ))
             ),
             format!(
                 "peak memory {} MiB; faults {:?}",
-                self.peak_memory_mib.map_or("-".into(), |v| format!("{v:.0}")),
+                self.peak_memory_mib
+                    .map_or("-".into(), |v| format!("{v:.0}")),
                 self.faults
             ),
         ];

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use indicatif::{ProgressBar, ProgressStyle};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tracing::info;
 
 use super::collect::{self, Extra, Sample};
 use super::consumers::Consumers;
@@ -64,8 +65,9 @@ fn bar(show: bool, len: u64, what: &str) -> ProgressBar {
     } else {
         ProgressBar::hidden()
     };
-    let style = ProgressStyle::with_template("{prefix:>10} [{elapsed_precise}] {bar:30} {pos}/{len} {msg}")
-        .unwrap_or_else(|_| ProgressStyle::default_bar());
+    let style =
+        ProgressStyle::with_template("{prefix:>10} [{elapsed_precise}] {bar:30} {pos}/{len} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar());
     b.set_style(style);
     b.set_prefix(what.to_string());
     b
@@ -85,6 +87,11 @@ pub async fn run(s: Scenario, o: &RunOptions) -> Result<Summary, Error> {
         start_nodes_s: started.elapsed().as_secs_f64(),
         ..Phases::default()
     };
+    info!(
+        nodes = s.mesh.nodes,
+        secs = phases.start_nodes_s,
+        "sim: nodes started"
+    );
     let s = Arc::new(s);
     let mut w = World {
         cluster,
@@ -108,6 +115,7 @@ pub async fn run(s: Scenario, o: &RunOptions) -> Result<Summary, Error> {
     };
     let result = drive(&mut w, &mut phases, o, seed).await;
     // Whatever happened, stop everything before the scratch dir goes.
+    let t = Instant::now();
     w.consumers.stop_all().await;
     for i in 0..w.cluster.len() {
         w.live.set_handle(i, None);
@@ -119,10 +127,21 @@ pub async fn run(s: Scenario, o: &RunOptions) -> Result<Summary, Error> {
         .map_err(|source| Error::Start { node: 0, source })?;
     std::mem::replace(&mut w.cluster, empty).shutdown().await;
     drop(scratch);
+    phases.stop_s = t.elapsed().as_secs_f64();
+    info!(secs = phases.stop_s, "sim: nodes stopped");
     let (extra, samples, warmup_curve) = result?;
     phases.total_s = started.elapsed().as_secs_f64();
     let mut summary = collect::summary(
-        &w, &plan, seed, date, phases, extra, &samples, warmup_curve, peak, &o.out,
+        &w,
+        &plan,
+        seed,
+        date,
+        phases,
+        extra,
+        &samples,
+        warmup_curve,
+        peak,
+        &o.out,
     )?;
     summary.check();
     let json = serde_json::to_string_pretty(&summary)
@@ -169,7 +188,12 @@ async fn start_nodes(
 
 type Measured = (Extra, Vec<Sample>, Vec<(f64, f64)>);
 
-async fn drive(w: &mut World, ph: &mut Phases, o: &RunOptions, seed: u64) -> Result<Measured, Error> {
+async fn drive(
+    w: &mut World,
+    ph: &mut Phases,
+    o: &RunOptions,
+    seed: u64,
+) -> Result<Measured, Error> {
     let s = w.scenario.clone();
     // Agents.
     let t = Instant::now();
@@ -191,6 +215,7 @@ async fn drive(w: &mut World, ph: &mut Phases, o: &RunOptions, seed: u64) -> Res
         }
     }
     ph.register_s = t.elapsed().as_secs_f64();
+    info!(secs = ph.register_s, "sim: agents registered");
 
     // Warm-up: every node has a peer and sees every agent.
     let t = Instant::now();
@@ -219,6 +244,11 @@ async fn drive(w: &mut World, ph: &mut Phases, o: &RunOptions, seed: u64) -> Res
     }
     b.finish_and_clear();
     ph.warmup_s = t.elapsed().as_secs_f64();
+    info!(
+        secs = ph.warmup_s,
+        converged = ph.warmup_converged,
+        "sim: warm-up over; timeline starts"
+    );
 
     // Timeline.
     w.t0 = Instant::now();
@@ -246,7 +276,13 @@ async fn drive(w: &mut World, ph: &mut Phases, o: &RunOptions, seed: u64) -> Res
     });
     let outcome = timeline(w, ph, traffic).await;
     let extra = match outcome {
-        Ok(()) => collect::extra(w).await,
+        Ok(()) => {
+            let t = Instant::now();
+            let x = collect::extra(w).await;
+            ph.collect_s = t.elapsed().as_secs_f64();
+            info!(secs = ph.collect_s, "sim: node state collected");
+            x
+        }
         Err(e) => {
             stop.cancel();
             let _ = sampler.await;
@@ -264,7 +300,11 @@ async fn drive(w: &mut World, ph: &mut Phases, o: &RunOptions, seed: u64) -> Res
 }
 
 /// Apply the plan on time, then drain and settle.
-async fn timeline(w: &mut World, ph: &mut Phases, traffic: Option<JoinHandle<()>>) -> Result<(), Error> {
+async fn timeline(
+    w: &mut World,
+    ph: &mut Phases,
+    traffic: Option<JoinHandle<()>>,
+) -> Result<(), Error> {
     let s = w.scenario.clone();
     let plan: Arc<Plan> = w.plan.clone();
     for step in &plan.steps {
@@ -276,6 +316,7 @@ async fn timeline(w: &mut World, ph: &mut Phases, traffic: Option<JoinHandle<()>
         let _ = t.await;
     }
     ph.timeline_s = w.now_s();
+    info!(secs = ph.timeline_s, "sim: timeline over; draining");
 
     // Drain: heal, unslow, restart the crashed, then wait for every message.
     w.markers.push((w.now_s(), "drain".into()));
@@ -300,6 +341,11 @@ async fn timeline(w: &mut World, ph: &mut Phases, traffic: Option<JoinHandle<()>
         tokio::time::sleep(WAIT_POLL).await;
     }
     ph.drain_s = t.elapsed().as_secs_f64();
+    info!(
+        secs = ph.drain_s,
+        drained = ph.drained,
+        "sim: drain over; settling"
+    );
     w.markers.push((w.now_s(), "drained".into()));
     // Settle: consumers keep polling, so a message handed over again after
     // its ack would show up as a duplicate.
@@ -309,7 +355,11 @@ async fn timeline(w: &mut World, ph: &mut Phases, traffic: Option<JoinHandle<()>
 
 /// Sample probes and joiners every `sample_every`, and the running nodes,
 /// their peers and the process memory every second.
-fn spawn_sampler(w: &World, out: Arc<Mutex<Vec<Sample>>>, stop: CancellationToken) -> JoinHandle<()> {
+fn spawn_sampler(
+    w: &World,
+    out: Arc<Mutex<Vec<Sample>>>,
+    stop: CancellationToken,
+) -> JoinHandle<()> {
     let (live, watch, t0) = (w.live.clone(), w.watch.clone(), w.t0);
     let every = w.scenario.convergence.sample_every;
     tokio::spawn(async move {

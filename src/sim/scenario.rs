@@ -344,7 +344,10 @@ fn build(path: &Path, raw: RawScenario) -> Result<Scenario, String> {
 
 fn build_mesh(m: RawMesh) -> Result<Mesh, String> {
     if m.nodes < 2 {
-        return Err(format!("mesh.nodes is {}; a mesh needs at least 2", m.nodes));
+        return Err(format!(
+            "mesh.nodes is {}; a mesh needs at least 2",
+            m.nodes
+        ));
     }
     let mesh = Mesh {
         nodes: m.nodes,
@@ -485,25 +488,52 @@ mod tests {
     fn unknown_keys_are_named_with_the_file() {
         for (text, key) in [
             (format!("{MIN}colour = 1\n"), "colour"),
-            (format!("{MIN}nodez = 3\n").replace("[mesh]\nnodes = 10\n", "[mesh]\nnodes = 10\nnodez = 3\n"), "nodez"),
+            (
+                format!("{MIN}nodez = 3\n")
+                    .replace("[mesh]\nnodes = 10\n", "[mesh]\nnodes = 10\nnodez = 3\n"),
+                "nodez",
+            ),
             (format!("{MIN}[delivery]\nleese = \"1s\"\n"), "leese"),
-            (format!("{MIN}[traffic]\nrate = 1\nmix = {{ broadcast = 1 }}\n"), "broadcast"),
-            (format!("{MIN}[[events]]\nat = \"1s\"\nkind = \"heal\"\nwhen = 3\n"), "when"),
+            (
+                format!("{MIN}[traffic]\nrate = 1\nmix = {{ broadcast = 1 }}\n"),
+                "broadcast",
+            ),
+            (
+                format!("{MIN}[[events]]\nat = \"1s\"\nkind = \"heal\"\nwhen = 3\n"),
+                "when",
+            ),
         ] {
             let e = parse(&text).unwrap_err();
-            assert!(e.contains("simulations/t.toml") && e.contains(key), "{key}: {e}");
+            assert!(
+                e.contains("simulations/t.toml") && e.contains(key),
+                "{key}: {e}"
+            );
         }
     }
 
     #[test]
     fn bad_values_are_errors_not_panics() {
         for (text, needle) in [
-            ("duration = \"soon\"\n[mesh]\nnodes = 10\n", "not a duration"),
+            (
+                "duration = \"soon\"\n[mesh]\nnodes = 10\n",
+                "not a duration",
+            ),
             ("duration = \"60s\"\n[mesh]\nnodes = 1\n", "mesh.nodes"),
             (&format!("{MIN}[traffic]\nrate = 0\n"), "traffic.rate"),
-            (&format!("{MIN}[traffic]\nrate = 5\nstop = \"90s\"\n"), "traffic.stop"),
-            (&format!("{MIN}[traffic]\nrate = 5\npattern = \"fanout\"\nmix = {{ fanout = 1 }}\n"), "either pattern or mix"),
-            (&format!("{MIN}[discovery]\nad_ttl = \"10s\"\nrefresh_interval = \"20s\"\n"), "refresh"),
+            (
+                &format!("{MIN}[traffic]\nrate = 5\nstop = \"90s\"\n"),
+                "traffic.stop",
+            ),
+            (
+                &format!(
+                    "{MIN}[traffic]\nrate = 5\npattern = \"fanout\"\nmix = {{ fanout = 1 }}\n"
+                ),
+                "either pattern or mix",
+            ),
+            (
+                &format!("{MIN}[discovery]\nad_ttl = \"10s\"\nrefresh_interval = \"20s\"\n"),
+                "refresh",
+            ),
             (&format!("{MIN}[mesh.extra]\n"), "extra"),
             ("duration = \"60s\"\n", "mesh"),
         ] {
@@ -527,10 +557,7 @@ mod tests {
         assert_eq!(s.message_ttl(), Duration::from_secs(600));
         assert_eq!(s.drain, Duration::from_secs(180));
         let t = s.traffic.unwrap();
-        assert_eq!(
-            t.mix,
-            vec![(Pattern::RandomPairs, 3), (Pattern::Fanout, 1)]
-        );
+        assert_eq!(t.mix, vec![(Pattern::RandomPairs, 3), (Pattern::Fanout, 1)]);
         assert_eq!(t.stop, Duration::from_secs(60));
     }
 }

@@ -112,15 +112,34 @@ impl Plan {
 /// A timeline entry before choices are made.
 #[derive(Debug, Clone)]
 enum Item {
-    Crash { id: usize, count: Count },
-    RestartOf { id: usize },
-    Restart { count: Option<Count> },
-    Replace { k: usize },
-    Partition { weights: Vec<f64> },
+    Crash {
+        id: usize,
+        count: Count,
+    },
+    RestartOf {
+        id: usize,
+    },
+    Restart {
+        count: Option<Count>,
+    },
+    Replace {
+        k: usize,
+    },
+    Partition {
+        weights: Vec<f64>,
+    },
     Heal,
-    Slow { id: usize, count: Count, delay: Duration },
-    UnslowOf { id: usize },
-    LateJoin { nodes: usize },
+    Slow {
+        id: usize,
+        count: Count,
+        delay: Duration,
+    },
+    UnslowOf {
+        id: usize,
+    },
+    LateJoin {
+        nodes: usize,
+    },
     Probe,
 }
 
@@ -483,14 +502,19 @@ kind = "restart"
             }
             assert!(with(&st, St::Up).len() >= MIN_UP);
         }
-        assert!(with(&st, St::Crashed).is_empty(), "the final restart brings all back");
+        assert!(
+            with(&st, St::Crashed).is_empty(),
+            "the final restart brings all back"
+        );
         assert_eq!(next_slot, p.slots);
     }
 
     #[test]
     fn restart_after_brings_back_the_same_nodes() {
         let p = plan(
-            &scenario("[[events]]\nat = \"20s\"\nkind = \"crash\"\nnodes = 5\nrestart_after = \"10s\"\n"),
+            &scenario(
+                "[[events]]\nat = \"20s\"\nkind = \"crash\"\nnodes = 5\nrestart_after = \"10s\"\n",
+            ),
             11,
         );
         let crashed = p.steps.iter().find_map(|s| match &s.action {
@@ -503,7 +527,10 @@ kind = "restart"
         });
         let (c_at, c) = crashed.unwrap();
         let (r_at, r) = restarted.unwrap();
-        assert_eq!((c.len(), c_at, r_at), (5, Duration::from_secs(20), Duration::from_secs(30)));
+        assert_eq!(
+            (c.len(), c_at, r_at),
+            (5, Duration::from_secs(20), Duration::from_secs(30))
+        );
         assert_eq!(c, r);
         let probes = p
             .steps
@@ -515,7 +542,10 @@ kind = "restart"
 
     #[test]
     fn a_crash_never_takes_the_mesh_below_two_nodes() {
-        let p = plan(&scenario("[[events]]\nat = \"1s\"\nkind = \"crash\"\nfraction = 1.0\n"), 1);
+        let p = plan(
+            &scenario("[[events]]\nat = \"1s\"\nkind = \"crash\"\nfraction = 1.0\n"),
+            1,
+        );
         match &p.steps[0].action {
             Action::Crash(n) => assert_eq!(n.len(), 28),
             other => panic!("{other:?}"),
@@ -526,7 +556,9 @@ kind = "restart"
     fn split_sizes_follow_weights() {
         let mut rng = SeededRng::new(5);
         let g = split(&mut rng, 10, &[1.0, 1.0, 2.0]);
-        let sizes: Vec<usize> = (0..3).map(|k| g.iter().filter(|x| **x == k).count()).collect();
+        let sizes: Vec<usize> = (0..3)
+            .map(|k| g.iter().filter(|x| **x == k).count())
+            .collect();
         assert_eq!(sizes, vec![3, 2, 5]);
     }
 }

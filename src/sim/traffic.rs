@@ -96,11 +96,13 @@ impl Generator {
             return;
         };
         let Ok(permit) = sem.clone().try_acquire_owned() else {
-            self.ledger.with(|b| Book::bump(&mut b.skipped, "max_in_flight busy"));
+            self.ledger
+                .with(|b| Book::bump(&mut b.skipped, "max_in_flight busy"));
             return;
         };
         let Some(h) = self.live.handle(send.from_slot) else {
-            self.ledger.with(|b| Book::bump(&mut b.skipped, "sender stopped"));
+            self.ledger
+                .with(|b| Book::bump(&mut b.skipped, "sender stopped"));
             return;
         };
         let (live, ledger, t0, ttl) = (self.live.clone(), self.ledger.clone(), self.t0, self.ttl);

@@ -87,7 +87,13 @@ impl Watch {
     }
 
     /// Watch a joiner from `start_s`; it must learn `agents`.
-    pub fn add_joiner(&mut self, node: usize, late: bool, agents: Vec<(AgentId, usize)>, start_s: f64) {
+    pub fn add_joiner(
+        &mut self,
+        node: usize,
+        late: bool,
+        agents: Vec<(AgentId, usize)>,
+        start_s: f64,
+    ) {
         self.joiners.push(Joiner {
             node,
             late,
@@ -103,8 +109,13 @@ impl Watch {
     /// Whether something is still watched at `now_s`.
     pub fn busy(&self, now_s: f64) -> bool {
         let open = |start: f64, done: bool| !done && now_s - start <= self.timeout_s;
-        self.probes.iter().any(|p| open(p.start_s, p.all_s.is_some()))
-            || self.joiners.iter().any(|j| open(j.start_s, j.synced_s.is_some()))
+        self.probes
+            .iter()
+            .any(|p| open(p.start_s, p.all_s.is_some()))
+            || self
+                .joiners
+                .iter()
+                .any(|j| open(j.start_s, j.synced_s.is_some()))
     }
 
     /// Sample every open probe and joiner.

@@ -183,10 +183,7 @@ impl World {
         self.cluster
             .restart(i)
             .await
-            .map_err(|source| Error::Start {
-                node: i,
-                source,
-            })?;
+            .map_err(|source| Error::Start { node: i, source })?;
         self.crashed.remove(&i);
         self.up(i, true).await;
         Ok(())
@@ -262,8 +259,7 @@ impl World {
             }
         }
         let agents = self.live.agents_of(i);
-        self.consumers
-            .start(i, &h, &agents, &self.ledger, self.t0);
+        self.consumers.start(i, &h, &agents, &self.ledger, self.t0);
         self.live.set_handle(i, Some(h));
     }
 
