@@ -159,6 +159,7 @@ last_json() { grep '^{' "$1" | tail -n 1; }
 
 echo "machine: $(nproc) cores; $(lscpu 2>/dev/null | sed -n 's/^Model name: *//p' | head -n 1); $(date -u)"
 echo "load average at start: $(cut -d' ' -f1-3 /proc/loadavg) (figures are only worth keeping on an idle machine)"
+echo "agentmesh: $(git -C "$here" describe --always --dirty 2>/dev/null || echo '?') ($(git -C "$here" log -1 --format=%s 2>/dev/null | cut -c1-60))"
 echo "nats-server: $nats_bin ($nats_ver_line); work dir: $work (same filesystem as the agentmesh data dirs: $(df -P "$work" | awk 'NR==2 {print $1}'))"
 export TMPDIR="$work" # agentmesh's scratch dirs go next to the JetStream stores
 
@@ -225,7 +226,8 @@ for label, a, d, s, _ in rows:
 print(f"fsynced commits, agentmesh (both nodes): {tp['commits']} "
       f"({tp['messages'] / max(tp['commits'], 1):.0f} messages per commit); "
       f"JetStream redeliveries: {jd['redelivered']} (default), {ja['redelivered']} (always)")
-print("[1] agentmesh: committed (fsynced) to the sender's outbox; JetStream: publish acked by the server")
+print("[1] agentmesh: committed and fsynced to the sender's outbox; JetStream: publish acked by the server")
+print("    (default sync: written to the stream file, not yet fsynced; always: fsynced before the ack)")
 print("[2] agentmesh: send() until its durable answer; JetStream: publish() until its ack")
 print("[3] send()/publish() until the consumer holds the message")
 print("[4] throughput run, user + system CPU of all processes involved (agentmesh: both nodes,")
