@@ -144,6 +144,8 @@ struct Inner {
     inboxes: inbox::Inboxes,
     /// Addresses last given to the swarm per peer (avoids re-teaching them per message).
     taught: std::sync::Mutex<std::collections::HashMap<PeerId, Vec<libp2p::Multiaddr>>>,
+    /// Bytes of envelopes queued in memory (`queue::Cached`).
+    cached_bytes: Arc<std::sync::atomic::AtomicUsize>,
     stats: Stats,
 }
 
@@ -193,6 +195,7 @@ impl Delivery {
                 courier: tx,
                 inboxes: inbox::Inboxes::default(),
                 taught: std::sync::Mutex::new(std::collections::HashMap::new()),
+                cached_bytes: Arc::default(),
                 stats: Stats::default(),
             }),
         };

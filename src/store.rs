@@ -231,7 +231,8 @@ impl Store {
         self.submit(false, f).await
     }
 
-    async fn submit<R, F>(&self, durable: bool, f: F) -> Result<R, Error>
+    /// `write` when `durable`, else `write_lazy`.
+    pub async fn submit<R, F>(&self, durable: bool, f: F) -> Result<R, Error>
     where
         R: Send + 'static,
         F: FnOnce(&WriteTransaction) -> Result<R, Error> + Send + 'static,

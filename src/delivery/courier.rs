@@ -81,6 +81,7 @@ impl Replay {
                         id: id.to_string(),
                         expires_at_ms,
                         size,
+                        env: None,
                     },
                 )),
                 Err(_) => warn!(node, id, "outbox entry with an unreadable node id skipped"),
@@ -100,6 +101,7 @@ impl Replay {
                         id: id.to_string(),
                         expires_at_ms: u64::MAX,
                         size: 128,
+                        env: None,
                     },
                 ));
             }
@@ -256,7 +258,14 @@ fn load_envelopes(d: &Delivery, items: &[Item]) -> Result<(Vec<Envelope>, Vec<St
     let status = r.open_table(OUT_STATUS).map_err(|e| e.to_string())?;
     let mut envs = Vec::with_capacity(items.len());
     let mut gone = Vec::new();
+    let now = now_ms();
     for item in items {
+        // Fresh from `send` and not past its TTL: nothing on disk can have
+        // made it final yet (a receipt needs a transmission first).
+        if let Some(c) = item.env.as_ref().filter(|_| item.expires_at_ms > now) {
+            envs.push(c.envelope().clone());
+            continue;
+        }
         let tracking: Option<Tracking> = status
             .get(item.id.as_str())
             .map_err(|e| e.to_string())?
@@ -282,9 +291,10 @@ async fn send_messages(
     if !answered.is_empty() {
         // Already final (a receipt overtook us) or gone: drop from the outbox.
         let (node, ids) = (peer.to_string(), answered.clone());
+        // Lazy: lost in a crash, the rows come back and are dropped again.
         d.inner
             .store
-            .write(move |txn| {
+            .write_lazy(move |txn| {
                 let mut outbox = txn.open_table(OUTBOX)?;
                 for id in &ids {
                     outbox.remove((node.as_str(), id.as_str()))?;
@@ -326,6 +336,7 @@ async fn send_messages(
                             id: e.id.clone(),
                             expires_at_ms: e.expires_at_ms,
                             size: e.body_json.len() as u64 + 256,
+                            env: None,
                         },
                     )
                 })
@@ -384,10 +395,11 @@ async fn request_delivery(
 async fn note_failure(d: &Delivery, envs: &[Envelope], error: &str) {
     let ids: Vec<String> = envs.iter().map(|e| e.id.clone()).collect();
     let error = error.to_string();
+    // Lazy: attempt counts and errors are informational.
     let r = d
         .inner
         .store
-        .write(move |txn| {
+        .write_lazy(move |txn| {
             let mut t = txn.open_table(OUT_STATUS)?;
             for id in &ids {
                 let Some(mut tr) = t
@@ -448,9 +460,12 @@ async fn apply_outcomes(
         .iter()
         .filter(|o| !matches!(o, Outcome::Rejected(_)))
         .count();
+    // Lazy (no fsync of its own): should a crash lose it, the outbox rows
+    // come back, the messages go again and the receiver answers `Duplicate`.
+    // The next durable commit (any send) persists it.
     d.inner
         .store
-        .write(move |txn| {
+        .write_lazy(move |txn| {
             let mut status = txn.open_table(OUT_STATUS)?;
             let mut outbox = txn.open_table(OUTBOX)?;
             let now = now_ms();
@@ -551,9 +566,11 @@ async fn send_receipts(
     }
     let ids: Vec<String> = receipts.iter().map(|r| r.message_id.clone()).collect();
     answered.extend(ids.iter().cloned());
+    // Lazy: lost in a crash, the receipts go again and the sender ignores
+    // what it already has.
     d.inner
         .store
-        .write(move |txn| {
+        .write_lazy(move |txn| {
             let mut t = txn.open_table(RECEIPTS_OUT)?;
             for id in &ids {
                 t.remove((node.as_str(), id.as_str()))?;

@@ -364,10 +364,17 @@ impl Delivery {
         let a = agent.clone();
         let offer = sel.offer.clone();
         let (dead, expired) = (sel.dead.clone(), sel.expired.clone());
+        // A plain lease is written lazily (no fsync before the agent gets the
+        // message): the next durable commit, at the latest the agent's ack,
+        // persists it. A crash before that loses the lease, so the message is
+        // offered again without this offer counted, which is what an unacked
+        // message gets anyway. Dead letters and expiries queue receipts, and
+        // those must not outrun the state they report: durable.
+        let durable = !dead.is_empty() || !expired.is_empty();
         let result = self
             .inner
             .store
-            .write(move |txn| {
+            .submit(durable, move |txn| {
                 let mut inbox = txn.open_table(INBOX)?;
                 let mut messages = txn.open_table(INBOX_MESSAGES)?;
                 let mut receipts = txn.open_table(RECEIPTS_OUT)?;
@@ -536,6 +543,7 @@ impl Delivery {
                             id,
                             expires_at_ms: u64::MAX,
                             size: 128,
+                            env: None,
                         },
                     )
                 })

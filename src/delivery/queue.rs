@@ -8,11 +8,16 @@
 //! batches from.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use libp2p::PeerId;
 
-/// One queued item (a message or a receipt) by reference: its body stays on disk.
+use crate::wire::Envelope;
+
+/// One queued item (a message or a receipt) by reference: its body is on
+/// disk, and a freshly sent message may carry its envelope in memory too.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Item {
     /// Message id.
@@ -21,7 +26,64 @@ pub struct Item {
     pub expires_at_ms: u64,
     /// Approximate encoded size, to bound batches.
     pub size: u64,
+    /// The envelope, when `send` could keep it in memory (within a byte
+    /// budget) so the courier need not read it back from disk.
+    pub env: Option<Cached>,
 }
+
+/// An envelope held in memory between its durable commit and its
+/// transmission. Every `Cached` alive counts against a shared byte budget;
+/// dropping the last clone gives its bytes back.
+#[derive(Clone)]
+pub struct Cached(Arc<CachedInner>);
+
+struct CachedInner {
+    env: Envelope,
+    bytes: usize,
+    budget: Arc<AtomicUsize>,
+}
+
+impl Drop for CachedInner {
+    fn drop(&mut self) {
+        self.budget.fetch_sub(self.bytes, Ordering::Relaxed);
+    }
+}
+
+impl Cached {
+    /// Keep `env` in memory if `budget` (bytes in use) stays within `limit`.
+    pub fn try_new(env: Envelope, budget: &Arc<AtomicUsize>, limit: usize) -> Option<Cached> {
+        let bytes = env.body_json.len() + 512;
+        let before = budget.fetch_add(bytes, Ordering::Relaxed);
+        if before + bytes > limit {
+            budget.fetch_sub(bytes, Ordering::Relaxed);
+            return None;
+        }
+        Some(Cached(Arc::new(CachedInner {
+            env,
+            bytes,
+            budget: budget.clone(),
+        })))
+    }
+
+    /// The envelope.
+    pub fn envelope(&self) -> &Envelope {
+        &self.0.env
+    }
+}
+
+impl std::fmt::Debug for Cached {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Cached").field(&self.0.env.id).finish()
+    }
+}
+
+impl PartialEq for Cached {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for Cached {}
 
 /// Backoff parameters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -130,7 +192,8 @@ impl Queues {
         let Some(p) = self.peers.get_mut(peer) else {
             return;
         };
-        let answered: std::collections::HashSet<&str> = answered.iter().map(String::as_str).collect();
+        let answered: std::collections::HashSet<&str> =
+            answered.iter().map(String::as_str).collect();
         let flight: Vec<Item> = p.items.drain(..p.in_flight.min(p.items.len())).collect();
         for item in flight.into_iter().rev() {
             if answered.contains(item.id.as_str()) {
@@ -216,6 +279,7 @@ mod tests {
             id: id.into(),
             expires_at_ms: u64::MAX,
             size: 10,
+            env: None,
         }
     }
 
@@ -293,6 +357,7 @@ mod tests {
                     id: i.to_string(),
                     expires_at_ms: u64::MAX,
                     size: 400,
+                    env: None,
                 },
             );
         }
@@ -316,6 +381,7 @@ mod tests {
                 id: "a".into(),
                 expires_at_ms: 10,
                 size: 1,
+                env: None,
             },
         );
         q.push(
@@ -324,6 +390,7 @@ mod tests {
                 id: "b".into(),
                 expires_at_ms: 10,
                 size: 1,
+                env: None,
             },
         );
         q.push(
@@ -332,6 +399,7 @@ mod tests {
                 id: "c".into(),
                 expires_at_ms: 100,
                 size: 1,
+                env: None,
             },
         );
         q.take_batch(&p, now, 1, 100).unwrap();

@@ -6,7 +6,11 @@ use std::time::Duration;
 use libp2p::PeerId;
 use redb::ReadableTable;
 
-use super::queue::Item;
+use super::queue::{Cached, Item};
+
+/// Most bytes of envelopes held in memory between their commit and their
+/// first transmission (beyond it the courier reads them from disk).
+const CACHED_BYTES_LIMIT: usize = 64 * 1024 * 1024;
 use super::records::{self, IdemRecord, Tracking};
 use super::{Delivery, Error, MAX_TTL_SECS, Stats, courier, ids};
 use crate::identity::AgentId;
@@ -142,12 +146,11 @@ impl Delivery {
                 },
             )
         });
-        let rows: Vec<(Envelope, Tracking)> = prepared
-            .iter()
-            .map(|(e, t, _)| (e.clone(), t.clone()))
-            .collect();
+        let (rows, routes): (Vec<(Envelope, Tracking)>, Vec<Recipient>) =
+            prepared.into_iter().map(|(e, t, r)| ((e, t), r)).unzip();
         let from_id = req.from.clone();
-        let existing = self
+        // The rows go into the writer and come back with its answer.
+        let written = self
             .inner
             .store
             .write(move |txn| {
@@ -157,7 +160,7 @@ impl Delivery {
                         let prev: IdemRecord = records::decode("idempotency", v.value())?;
                         if prev.expires_at_ms > now {
                             // Checked inside the writer: concurrent retries cannot both send.
-                            return Ok(Some(prev));
+                            return Ok(Err(prev));
                         }
                     }
                     t.insert(
@@ -181,28 +184,37 @@ impl Delivery {
                         replies.insert((orig.as_str(), env.id.as_str()), ())?;
                     }
                 }
-                Ok(None)
+                Ok(Ok(rows))
             })
             .await?;
-        if let Some(prev) = existing {
-            return Ok(Sent {
-                messages: prev.messages,
-                fan_out: prev.fan_out,
-                replayed: true,
-            });
-        }
-        Stats::add(&self.inner.stats.queued, prepared.len());
-        let mut items: Vec<(PeerId, Item)> = Vec::with_capacity(prepared.len());
-        for (env, _, r) in &prepared {
+        let rows = match written {
+            Ok(rows) => rows,
+            Err(prev) => {
+                return Ok(Sent {
+                    messages: prev.messages,
+                    fan_out: prev.fan_out,
+                    replayed: true,
+                });
+            }
+        };
+        Stats::add(&self.inner.stats.queued, rows.len());
+        let mut items: Vec<(PeerId, Item)> = Vec::with_capacity(rows.len());
+        let mut messages = Vec::with_capacity(rows.len());
+        for ((env, _), r) in rows.into_iter().zip(&routes) {
             if r.node_id != self.inner.node_id {
                 self.teach_addresses(r).await;
             }
+            messages.push((env.id.clone(), env.to.clone()));
+            let (id, expires_at_ms) = (env.id.clone(), env.expires_at_ms);
+            let size = env.body_json.len() as u64 + 256;
+            let env = Cached::try_new(env, &self.inner.cached_bytes, CACHED_BYTES_LIMIT);
             items.push((
                 r.node_id,
                 Item {
-                    id: env.id.clone(),
-                    expires_at_ms: env.expires_at_ms,
-                    size: env.body_json.len() as u64 + 256,
+                    id,
+                    expires_at_ms,
+                    size,
+                    env,
                 },
             ));
         }
@@ -210,7 +222,7 @@ impl Delivery {
         // next start replays them from the outbox.
         let _ = self.inner.courier.send(courier::Cmd::Enqueue(items)).await;
         Ok(Sent {
-            messages: prepared.into_iter().map(|(e, _, _)| (e.id, e.to)).collect(),
+            messages,
             fan_out,
             replayed: false,
         })
@@ -229,7 +241,11 @@ impl Delivery {
             }
             known.insert(r.node_id, r.addrs.clone());
         }
-        let _ = self.inner.net.add_addresses(r.node_id, r.addrs.clone()).await;
+        let _ = self
+            .inner
+            .net
+            .add_addresses(r.node_id, r.addrs.clone())
+            .await;
     }
 
     fn idempotent_answer(
