@@ -103,8 +103,14 @@ fn parse_multiaddr(s: &str) -> Result<Multiaddr, String> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // Benchmarks and simulations run many nodes: only warnings by default.
-    let quiet = matches!(cli.command, Command::Bench(_) | Command::Simulate(_));
-    init_logging(cli.log_format, quiet);
+    // A simulation kills and partitions nodes on purpose, so the dial
+    // failures that follow are expected: those only at error level.
+    let default = match cli.command {
+        Command::Simulate(_) => "warn,agentmesh::net=error,libp2p_kad=error,libp2p_gossipsub=error",
+        Command::Bench(_) => "warn,libp2p_kad=error,libp2p_gossipsub=error",
+        _ => "info,libp2p_swarm=warn,libp2p_mdns=warn,libp2p_kad=error",
+    };
+    init_logging(cli.log_format, default);
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -128,12 +134,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging(format: LogFormat, quiet: bool) {
-    let default = if quiet {
-        "warn,libp2p_kad=error,libp2p_gossipsub=error"
-    } else {
-        "info,libp2p_swarm=warn,libp2p_mdns=warn,libp2p_kad=error"
-    };
+fn init_logging(format: LogFormat, default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let builder = tracing_subscriber::fmt()

@@ -191,16 +191,20 @@ fn convergence(path: &Path, d: &PlotData) -> Result<(), String> {
         .draw()
         .map_err(|e| e.to_string())?;
     for (i, (label, curve)) in d.curves.iter().enumerate() {
-        // A step function: the fraction holds until the next sample changes it.
-        let mut pts = Vec::with_capacity(curve.len() * 2);
-        for (k, p) in curve.iter().enumerate() {
-            if k > 0 {
-                pts.push((p.0, curve[k - 1].1));
+        // A step function from the registration (no other node holds the
+        // ad yet): the fraction holds until the next sample changes it.
+        let mut pts = Vec::with_capacity(curve.len() * 2 + 1);
+        if curve.first().is_some_and(|p| p.0 > 0.0) {
+            pts.push((0.0, 0.0));
+        }
+        for p in curve {
+            if let Some(&(_, y)) = pts.last() {
+                pts.push((p.0, y));
             }
             pts.push(*p);
         }
         let color = Palette99::pick(i).to_rgba();
-        let width = if i == 0 { 3 } else { 1 };
+        let width = if i == 0 { 3 } else { 2 };
         chart
             .draw_series(LineSeries::new(pts, color.stroke_width(width)))
             .map_err(|e| e.to_string())?
