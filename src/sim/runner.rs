@@ -28,6 +28,8 @@ use crate::time::now_ms;
 const REGISTER_CONCURRENCY: usize = 32;
 /// Poll period of the warm-up and the drain.
 const WAIT_POLL: Duration = Duration::from_millis(500);
+/// Progress ticks (of 500 ms) between log lines when no bar is drawn.
+const LOG_EVERY_TICKS: u64 = 30;
 /// Slack before a message past its expiry counts as expired.
 const EXPIRY_MARGIN_MS: u64 = 2_000;
 
@@ -387,6 +389,7 @@ fn spawn_sampler(
 fn spawn_ticker(w: &World, b: ProgressBar, stop: CancellationToken) -> JoinHandle<()> {
     let (live, ledger, t0) = (w.live.clone(), w.ledger.clone(), w.t0);
     tokio::spawn(async move {
+        let mut tick: u64 = 0;
         loop {
             b.set_position(t0.elapsed().as_secs());
             let (acc, del) = ledger.with(|b| {
@@ -398,10 +401,16 @@ fn spawn_ticker(w: &World, b: ProgressBar, stop: CancellationToken) -> JoinHandl
                     .count();
                 (acc, del)
             });
-            b.set_message(format!(
+            let msg = format!(
                 "{} nodes running; {del}/{acc} messages delivered",
                 live.running_count()
-            ));
+            );
+            // Without a terminal the bar is not drawn: log a line now and then.
+            if b.is_hidden() && tick % LOG_EVERY_TICKS == 0 {
+                info!("sim: t={}s {msg}", t0.elapsed().as_secs());
+            }
+            tick += 1;
+            b.set_message(msg);
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_millis(500)) => {}
                 _ = stop.cancelled() => return,
