@@ -135,6 +135,42 @@ impl Node {
         let node_id = key.peer_id();
         let span = info_span!("node", id = %short(&node_id));
         let (store, writer) = Store::open(&config.data_dir)?;
+        let cancel = CancellationToken::new();
+        let mut tasks = Vec::new();
+        match Self::assemble(config, key, span, store, &mut tasks, cancel.clone()).await {
+            Ok(handle) => Ok(Node {
+                handle: Some(handle),
+                tasks,
+                writer: Some(writer),
+            }),
+            Err(e) => {
+                // Undo what started, and close the database, so that a
+                // caller may retry at once without finding it in use.
+                cancel.cancel();
+                for t in tasks {
+                    t.abort();
+                    let _ = t.await;
+                }
+                let join = tokio::task::spawn_blocking(move || writer.join());
+                if tokio::time::timeout(SHUTDOWN_GRACE, join).await.is_err() {
+                    warn!("the database stayed open after a failed start");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Everything of `start` after the database is open; tasks it spawns go
+    /// into `tasks` so a failure can stop them.
+    async fn assemble(
+        config: NodeConfig,
+        key: NodeKey,
+        span: tracing::Span,
+        store: Store,
+        tasks: &mut Vec<tokio::task::JoinHandle<()>>,
+        cancel: CancellationToken,
+    ) -> Result<NodeHandle, StartError> {
+        let node_id = key.peer_id();
         let token = load_or_create_token(&config)?;
 
         let (net, commands) = NetHandle::channel(node_id);
@@ -149,8 +185,7 @@ impl Node {
         .instrument(span.clone())
         .await?;
         let listen_addrs = event_loop.listen_addrs().to_vec();
-        let cancel = CancellationToken::new();
-        let mut tasks = vec![tokio::spawn(event_loop.run().instrument(span.clone()))];
+        tasks.push(tokio::spawn(event_loop.run().instrument(span.clone())));
 
         let discovery = Discovery::start(
             key.clone(),
@@ -234,11 +269,7 @@ impl Node {
             ));
         }
         info!(parent: &span, node_id = %node_id, mesh = %handle.inner.config.mesh, "node started");
-        Ok(Node {
-            handle: Some(handle),
-            tasks,
-            writer: Some(writer),
-        })
+        Ok(handle)
     }
 
     /// The façade.

@@ -125,3 +125,28 @@ async fn nodes_of_different_meshes_do_not_merge() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_start_leaves_the_database_free_for_a_retry() {
+    init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    // The API port is taken, so the start fails after the database opened.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut config = test_config(dir.path());
+    config.api.listen = taken.local_addr().unwrap();
+    let err = agentmesh::node::Node::start(config.clone())
+        .await
+        .err()
+        .expect("the API port is in use");
+    assert!(
+        err.to_string()
+            .contains(&taken.local_addr().unwrap().to_string()),
+        "the error names the address: {err}"
+    );
+    // An immediate retry on the same data dir must not find the database in use.
+    config.api.listen = "127.0.0.1:0".parse().unwrap();
+    let node = agentmesh::node::Node::start(config)
+        .await
+        .expect("retry after a failed start");
+    node.shutdown().await;
+}
