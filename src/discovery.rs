@@ -476,10 +476,14 @@ impl Discovery {
     }
 
     /// Verify and apply ads from a peer; returns how many were new or newer.
+    /// Ads no newer than what the registry holds are skipped unverified.
     pub(crate) async fn ingest(&self, ads: Vec<SignedAd>) -> usize {
         let now = now_ms();
-        let mut fresh = Vec::new();
+        let mut verified = Vec::with_capacity(ads.len());
         for ad in ads {
+            if self.is_stale(&ad) {
+                continue;
+            }
             if let Err(e) = ad::verify(&ad, now) {
                 self.inner
                     .stats
@@ -488,6 +492,20 @@ impl Discovery {
                 debug!(error = %e, agent = %ad.body.agent_id, "rejected an advertisement");
                 continue;
             }
+            verified.push(ad);
+        }
+        self.apply_verified(verified, now).await
+    }
+
+    fn is_stale(&self, ad: &SignedAd) -> bool {
+        self.read_registry()
+            .is_stale(&ad.body.agent_id, ad.body.seq)
+    }
+
+    /// Apply ads whose signatures were checked; persist the new ones.
+    async fn apply_verified(&self, ads: Vec<SignedAd>, now: u64) -> usize {
+        let mut fresh = Vec::new();
+        for ad in ads {
             if self.read_local().contains_key(&ad.body.agent_id) {
                 // Our own agent: only this node issues its ads.
                 continue;
@@ -521,6 +539,9 @@ impl Discovery {
                 debug!(error = %e, peer = %propagation_source, "undecodable ad");
                 MessageAcceptance::Reject
             }
+            // Already known (a duplicate, or our own ad coming back):
+            // nothing to check or forward.
+            Ok(GossipAd::V1(ad)) if self.is_stale(&ad) => MessageAcceptance::Ignore,
             Ok(GossipAd::V1(ad)) => {
                 let now = now_ms();
                 match ad::verify(&ad, now) {
@@ -533,7 +554,7 @@ impl Discovery {
                         MessageAcceptance::Reject
                     }
                     Ok(()) => {
-                        if self.ingest(vec![ad]).await > 0 {
+                        if self.apply_verified(vec![ad], now).await > 0 {
                             MessageAcceptance::Accept
                         } else {
                             MessageAcceptance::Ignore

@@ -50,6 +50,12 @@ pub struct Registry {
 }
 
 impl Registry {
+    /// Whether an ad of `id` with `seq` would be ignored (we hold one at
+    /// least as new): such ads need no signature check at all.
+    pub fn is_stale(&self, id: &AgentId, seq: u64) -> bool {
+        self.by_id.get(id).is_some_and(|e| e.ad.body.seq >= seq)
+    }
+
     /// Apply a verified ad.
     pub fn apply(&mut self, ad: SignedAd, now_ms: u64, local: bool) -> Applied {
         let id = ad.body.agent_id.clone();
@@ -70,7 +76,12 @@ impl Registry {
             .insert(id.clone());
         let local = local || self.by_id.get(&id).is_some_and(|e| e.local);
         let node = ad.body.node_id.parse().ok();
-        let addrs = ad.body.node_addrs.iter().filter_map(|a| a.parse().ok()).collect();
+        let addrs = ad
+            .body
+            .node_addrs
+            .iter()
+            .filter_map(|a| a.parse().ok())
+            .collect();
         self.by_id.insert(
             id,
             Entry {
