@@ -367,7 +367,7 @@ impl Default for NetworkConfig {
             bootstrap: Vec::new(),
             mdns: true,
             transport: TransportKind::Tcp,
-            idle_timeout: Duration::from_secs(300),
+            idle_timeout: Duration::from_secs(60),
             kad_bootstrap_interval: Duration::from_secs(300),
         }
     }
@@ -529,7 +529,7 @@ mesh = "{mesh}"
 # bootstrap = ["/ip4/203.0.113.7/tcp/{p}/p2p/12D3KooW..."]
 # Find nodes of this mesh on the LAN.
 # mdns = true
-# idle_timeout_secs = 300
+# idle_timeout_secs = 60
 
 [api]
 # The local HTTP API. Keep it on loopback unless you know why not.

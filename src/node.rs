@@ -292,9 +292,10 @@ impl Node {
         self.handle().inner.discovery.announce_offline().await;
         self.cancel();
         self.handle().inner.net.shutdown().await;
-        let tasks = std::mem::take(&mut self.tasks);
-        for mut t in tasks {
-            if tokio::time::timeout(SHUTDOWN_GRACE, &mut t).await.is_err() {
+        // One grace period for all tasks together, not one each.
+        let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
+        for mut t in std::mem::take(&mut self.tasks) {
+            if tokio::time::timeout_at(deadline, &mut t).await.is_err() {
                 warn!("a task did not stop in time; aborting it");
                 t.abort();
             }
