@@ -10,7 +10,7 @@ use super::queue::{Cached, Item};
 
 /// Most bytes of envelopes held in memory between their commit and their
 /// first transmission (beyond it the courier reads them from disk).
-const CACHED_BYTES_LIMIT: usize = 64 * 1024 * 1024;
+const CACHED_BYTES_LIMIT: usize = 16 * 1024 * 1024;
 use super::records::{self, IdemRecord, Tracking};
 use super::{Delivery, Error, MAX_TTL_SECS, Stats, courier, ids};
 use crate::identity::AgentId;

@@ -635,7 +635,17 @@ impl EventLoop {
                     Ok(GetProvidersOk::FinishedWithNoAdditionalRecord { .. }) => None,
                     Err(e) => Some(e.to_string()),
                 };
-                let done = last || failure.is_some();
+                // Answer with the first providers found instead of waiting
+                // for the query to exhaust the DHT (seconds on a large mesh);
+                // the caller fetches ads from them and needs no more.
+                let found_some = !found.is_empty();
+                let done = last || failure.is_some() || found_some;
+                if found_some
+                    && !last
+                    && let Some(mut q) = self.swarm.behaviour_mut().kad.query_mut(&id)
+                {
+                    q.finish();
+                }
                 if done && let Some((found, reply)) = self.providers.remove(&id) {
                     let r = match failure {
                         Some(e) if found.is_empty() => Err(Error::Dht(e)),
