@@ -406,7 +406,7 @@ fn spawn_ticker(w: &World, b: ProgressBar, stop: CancellationToken) -> JoinHandl
                 live.running_count()
             );
             // Without a terminal the bar is not drawn: log a line now and then.
-            if b.is_hidden() && tick % LOG_EVERY_TICKS == 0 {
+            if b.is_hidden() && tick.is_multiple_of(LOG_EVERY_TICKS) {
                 info!("sim: t={}s {msg}", t0.elapsed().as_secs());
             }
             tick += 1;
