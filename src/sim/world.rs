@@ -12,6 +12,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use tracing::info;
+
 use super::Error;
 use super::consumers::Consumers;
 use super::ledger::Ledger;
@@ -133,8 +135,13 @@ impl World {
             }
             Action::Leave(nodes) => {
                 for &i in nodes {
+                    let t = Instant::now();
                     self.down(i).await;
+                    let down_s = t.elapsed().as_secs_f64();
+                    let t = Instant::now();
                     self.cluster.stop(i).await;
+                    let stop_s = t.elapsed().as_secs_f64();
+                    info!(node = i, down_s, stop_s, "sim: node left");
                     self.departed.insert(i);
                 }
                 self.count("leave", nodes.len());
@@ -197,6 +204,7 @@ impl World {
                 self.cluster.len()
             )));
         }
+        let t_start = Instant::now();
         let peers = self.pick_peers(None);
         let base = self.scenario.node.clone();
         let got = self
@@ -208,6 +216,8 @@ impl World {
             .await
             .map_err(|source| Error::Start { node: i, source })?;
         debug_assert_eq!(got, i);
+        let start_s = t_start.elapsed().as_secs_f64();
+        let t_reg = Instant::now();
         let target: Vec<(AgentId, usize)> = self.live.with(|v| {
             v.agent_slot
                 .iter()
@@ -219,12 +229,22 @@ impl World {
         let ids = register_agents(&self.scenario, i, &h).await?;
         self.live.add_agents(i, &ids, self.plan.survives(i));
         drop(h);
+        let register_s = t_reg.elapsed().as_secs_f64();
         let start = self.now_s();
         self.watch
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .add_joiner(i, late, target, start);
+        let t_up = Instant::now();
         self.up(i, false).await;
+        info!(
+            node = i,
+            late,
+            start_s,
+            register_s,
+            up_s = t_up.elapsed().as_secs_f64(),
+            "sim: node joined"
+        );
         Ok(())
     }
 
