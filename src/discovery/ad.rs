@@ -183,6 +183,13 @@ pub fn verify(ad: &SignedAd, now_ms: u64) -> Result<(), AdError> {
             b.ttl_secs
         )));
     }
+    // Cheap checks first: an expired or future ad costs no signature check.
+    if b.issued_at_ms > now_ms.saturating_add(MAX_CLOCK_SKEW_MS) {
+        return Err(AdError::FromTheFuture);
+    }
+    if ad.expires_at_ms() <= now_ms {
+        return Err(AdError::Expired);
+    }
     let node_peer =
         identity::peer_id_of(&b.node_key).map_err(|_| AdError::NodeMismatch(b.node_id.clone()))?;
     if node_peer.to_string() != b.node_id {
@@ -201,12 +208,6 @@ pub fn verify(ad: &SignedAd, now_ms: u64) -> Result<(), AdError> {
     let node_sig = sig(&ad.node_sig).ok_or(AdError::BadNodeSignature)?;
     identity::verify(&b.node_key, &wire::signing_bytes("ad/node", b), &node_sig)
         .map_err(|_| AdError::BadNodeSignature)?;
-    if b.issued_at_ms > now_ms.saturating_add(MAX_CLOCK_SKEW_MS) {
-        return Err(AdError::FromTheFuture);
-    }
-    if ad.expires_at_ms() <= now_ms {
-        return Err(AdError::Expired);
-    }
     let size = wire::encode(ad).len();
     if size > wire::ad::MAX_AD_BYTES {
         return Err(AdError::TooLarge(format!(

@@ -172,9 +172,11 @@ impl EventLoop {
             }
             lp.handle_swarm_event(ev);
         }
+        // Bootstrap peers join the DHT routing table only once identify
+        // shows they are of this mesh: a foreign one that hangs up first
+        // would otherwise stay listed (and queried) forever.
         for (peer, addr) in lp.bootstrap.named_peers() {
-            lp.swarm.add_peer_address(peer, addr.clone());
-            lp.swarm.behaviour_mut().kad.add_address(&peer, addr);
+            lp.swarm.add_peer_address(peer, addr);
         }
         Ok(lp)
     }
