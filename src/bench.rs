@@ -6,6 +6,8 @@
 //! - `delivery`: durable node→node throughput, latency, outbox replay.
 //! - `limits`: the machine's physical limits (disk fsync, ed25519, loopback
 //!   TCP) to read the other figures against.
+//! - `footprint`: memory and disk of one node in its own process, idle and
+//!   with many messages queued.
 //! - `support`: machine facts, timing summaries, polling with deadlines,
 //!   scratch directories.
 
@@ -13,6 +15,7 @@ use clap::{Args as ClapArgs, Subcommand};
 
 pub mod delivery;
 pub mod discovery;
+pub mod footprint;
 pub mod limits;
 mod support;
 
@@ -47,6 +50,9 @@ pub enum Which {
     /// Durable node→node delivery: throughput, latency at fixed rates,
     /// and outbox replay after a restart.
     Delivery(delivery::Opts),
+    /// Memory and disk of a node in its own process: idle, and with many
+    /// messages queued for an agent whose node is down.
+    Footprint(footprint::Opts),
     /// The machine's physical limits: disk fsync rate, ed25519 sign and
     /// verify rate on one core, loopback TCP bandwidth and round trips.
     Limits(limits::Opts),
@@ -57,6 +63,7 @@ pub async fn run(args: Args) -> Result<(), Error> {
     match args.which {
         Which::Discovery(opts) => discovery::run(opts).await,
         Which::Delivery(opts) => delivery::run(opts).await,
+        Which::Footprint(opts) => footprint::run(opts).await,
         Which::Limits(opts) => limits::run(opts).await,
     }
 }

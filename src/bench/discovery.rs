@@ -8,10 +8,14 @@
 //! 2. Late joiner: register many agents across the mesh, wait until every
 //!    node sees them all, then start a fresh node bootstrapped to one
 //!    existing node and time how long its registry takes to hold them all.
+//! 3. Cold DHT lookup: in a second mesh with gossip and anti-entropy off,
+//!    time a capability lookup by a node that has never seen the agent, so
+//!    it must go through the Kademlia provider records.
 //!
 //! # Layout
 //! - `agents`: the registrations (realistic sizes).
 //! - `late`: part 2.
+//! - `cold`: part 3.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -26,6 +30,7 @@ use crate::discovery::Query;
 use crate::node::NodeHandle;
 
 mod agents;
+mod cold;
 mod late;
 
 use agents::{agent, registration};
@@ -33,9 +38,9 @@ use agents::{agent, registration};
 /// Poll period when timing a single ad or a single joiner.
 pub(super) const POLL: Duration = Duration::from_millis(2);
 /// Poll period while waiting for the mesh to form.
-const READY_POLL: Duration = Duration::from_millis(10);
+pub(super) const READY_POLL: Duration = Duration::from_millis(10);
 /// How long the mesh may take to form.
-const READY_TIMEOUT: Duration = Duration::from_secs(60);
+pub(super) const READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long one ad may take to reach every node.
 const CONVERGE_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -74,6 +79,10 @@ pub struct Opts {
     /// Late joiners, one after the other (0 skips the late-joiner part).
     #[arg(long, default_value_t = 3)]
     pub joins: usize,
+    /// Cold capability lookups through the DHT, in a second mesh of
+    /// `--nodes` nodes with gossip and anti-entropy off (0 skips them).
+    #[arg(long, default_value_t = 20)]
+    pub dht_lookups: usize,
     /// Transport.
     #[arg(long, value_enum, default_value_t = TransportArg::Tcp)]
     pub transport: TransportArg,
@@ -92,6 +101,13 @@ impl Opts {
     fn check(&self) -> Result<(), Error> {
         if self.nodes < 2 {
             return Err(Error::Failed("--nodes must be at least 2".into()));
+        }
+        if self.dht_lookups > 0 && self.nodes < 3 {
+            return Err(Error::Failed(
+                "cold DHT lookups need at least 3 nodes (provider, witness, asker): \
+                 give --nodes 3 or more, or --dht-lookups 0"
+                    .into(),
+            ));
         }
         if self.joins > 0 && self.agents == 0 {
             return Err(Error::Failed(
@@ -146,12 +162,18 @@ pub async fn run(opts: Opts) -> Result<(), Error> {
         on_off(d.gossip),
         on_off(d.anti_entropy)
     );
-    let t0 = Instant::now();
-    let cluster = Cluster::start(opts.nodes, copts, |_, _| {}).await?;
-    println!("started {} nodes in {} ms", cluster.len(), ms(t0.elapsed()));
-    let result = measure(&cluster, &opts, scratch.path()).await;
-    cluster.shutdown().await;
-    result
+    if opts.runs > 0 || opts.joins > 0 {
+        let t0 = Instant::now();
+        let cluster = Cluster::start(opts.nodes, copts, |_, _| {}).await?;
+        println!("started {} nodes in {} ms", cluster.len(), ms(t0.elapsed()));
+        let result = measure(&cluster, &opts, scratch.path()).await;
+        cluster.shutdown().await;
+        result?;
+    }
+    if opts.dht_lookups > 0 {
+        cold::run(&opts, &scratch.path().join("cold")).await?;
+    }
+    Ok(())
 }
 
 /// The command-line spelling of an option value.
@@ -245,7 +267,7 @@ async fn convergence(nodes: &[NodeHandle], runs: usize, rng: &mut SeededRng) -> 
 }
 
 /// Whether the node has an identified peer of the mesh.
-fn has_peer(h: &NodeHandle) -> bool {
+pub(super) fn has_peer(h: &NodeHandle) -> bool {
     !h.discovery().connected_peers().is_empty()
 }
 
@@ -294,6 +316,7 @@ mod tests {
             runs: 1,
             agents: 0,
             joins: 0,
+            dht_lookups: 0,
             transport: TransportArg::Memory,
             topology: TopologyArg::Chain,
             degree: 3,
@@ -304,5 +327,10 @@ mod tests {
         o.check().unwrap();
         o.joins = 1;
         assert!(o.check().is_err(), "a joiner needs agents");
+        o.joins = 0;
+        o.dht_lookups = 1;
+        assert!(o.check().is_err(), "a cold lookup needs three nodes");
+        o.nodes = 3;
+        o.check().unwrap();
     }
 }
