@@ -88,8 +88,9 @@ struct Slot {
     pinned: Vec<Multiaddr>,
     /// The running node, `None` while stopped.
     node: Option<Node>,
-    /// Stable across restarts (the key lives in the data dir).
-    node_id: PeerId,
+    /// Stable across restarts (the key lives in the data dir); `None`
+    /// while the slot is reserved and its node not yet started.
+    node_id: Option<PeerId>,
     /// Where others dial it (first listen address + `/p2p/<id>`).
     dial_addr: Option<Multiaddr>,
 }
@@ -183,7 +184,7 @@ impl Cluster {
 
     /// Node `i`'s id (stable across restarts).
     pub fn node_id(&self, i: usize) -> Option<PeerId> {
-        self.slots.get(i).map(|s| s.node_id)
+        self.slots.get(i).and_then(|s| s.node_id)
     }
 
     /// Where node `i` can be dialled (its last address while it is stopped).
@@ -201,6 +202,25 @@ impl Cluster {
         &mut self,
         tweak: impl Fn(usize, &mut NodeConfig),
     ) -> Result<usize, StartError> {
+        let (i, config) = self.reserve(tweak);
+        match Node::start(config).await {
+            Ok(node) => {
+                self.attach(i, node);
+                Ok(i)
+            }
+            Err(e) => {
+                self.unreserve(i);
+                Err(e)
+            }
+        }
+    }
+
+    /// Reserve the next slot for a node joined per the topology and return
+    /// its index and configuration, without starting it: callers start
+    /// several reserved nodes concurrently with [`Node::start`], then
+    /// [`attach`](Self::attach) each (or [`unreserve`](Self::unreserve) the
+    /// last on failure). `tweak(i, cfg)` adjusts the configuration last.
+    pub fn reserve(&mut self, tweak: impl Fn(usize, &mut NodeConfig)) -> (usize, NodeConfig) {
         let i = self.slots.len();
         let mut config = self
             .opts
@@ -210,26 +230,48 @@ impl Cluster {
             .filter_map(|j| self.dial_addr(j))
             .collect();
         tweak(i, &mut config);
-        let node = Node::start(config.clone()).await?;
+        self.slots.push(Slot {
+            config: config.clone(),
+            pinned: Vec::new(),
+            node: None,
+            node_id: None,
+            dial_addr: None,
+        });
+        (i, config)
+    }
+
+    /// Give reserved (or stopped) slot `i` its running node.
+    pub fn attach(&mut self, i: usize, node: Node) {
         let handle = node.handle();
-        let node_id = handle.node_id();
-        let dial_addr = handle.dial_addr();
+        let (node_id, dial_addr) = (handle.node_id(), handle.dial_addr());
         let pinned = handle.listen_addrs().to_vec();
         drop(handle);
-        self.slots.push(Slot {
-            config,
-            pinned,
-            node: Some(node),
-            node_id,
-            dial_addr,
-        });
-        Ok(i)
+        if let Some(slot) = self.slots.get_mut(i) {
+            slot.node_id = Some(node_id);
+            slot.dial_addr = dial_addr;
+            slot.pinned = pinned;
+            slot.node = Some(node);
+        }
+    }
+
+    /// Give back the last reserved slot if its node never started.
+    pub fn unreserve(&mut self, i: usize) {
+        if i + 1 == self.slots.len() && self.slots[i].node_id.is_none() {
+            self.slots.pop();
+        }
+    }
+
+    /// Take running node `i` out of the cluster (the slot stays, stopped),
+    /// for the caller to stop it (concurrently with others, or in the
+    /// background) with [`Node::shutdown`] or [`Node::crash`].
+    pub fn detach(&mut self, i: usize) -> Option<Node> {
+        self.slots.get_mut(i).and_then(|s| s.node.take())
     }
 
     /// Stop node `i` gracefully (its agents are announced offline). A
     /// stopped or unknown node is left alone.
     pub async fn stop(&mut self, i: usize) {
-        if let Some(node) = self.slots.get_mut(i).and_then(|s| s.node.take()) {
+        if let Some(node) = self.detach(i) {
             node.shutdown().await;
         }
     }
@@ -237,7 +279,7 @@ impl Cluster {
     /// Stop node `i` abruptly, as a crash would. A stopped or unknown node
     /// is left alone.
     pub async fn crash(&mut self, i: usize) {
-        if let Some(node) = self.slots.get_mut(i).and_then(|s| s.node.take()) {
+        if let Some(node) = self.detach(i) {
             node.crash().await;
         }
     }
@@ -288,14 +330,7 @@ impl Cluster {
         } else {
             Node::start(fresh).await?
         };
-        let handle = node.handle();
-        let (dial_addr, pinned) = (handle.dial_addr(), handle.listen_addrs().to_vec());
-        drop(handle);
-        if let Some(slot) = self.slots.get_mut(i) {
-            slot.dial_addr = dial_addr;
-            slot.pinned = pinned;
-            slot.node = Some(node);
-        }
+        self.attach(i, node);
         Ok(())
     }
 

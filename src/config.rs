@@ -89,8 +89,12 @@ pub struct NetworkConfig {
     pub mdns: bool,
     /// Transport family.
     pub transport: TransportKind,
-    /// Connections with no traffic are closed after this long.
+    /// Connections we opened are closed when no request crossed them for
+    /// this long, unless the peer is a gossip mesh neighbour or one of our
+    /// bootstrap peers.
     pub idle_timeout: Duration,
+    /// Idle connections are only closed while more peers than this are connected.
+    pub min_peers: usize,
     /// Interval of the periodic Kademlia bootstrap (routing table refresh).
     pub kad_bootstrap_interval: Duration,
 }
@@ -197,6 +201,12 @@ impl NodeConfig {
             if let Some(s) = n.idle_timeout_secs {
                 self.network.idle_timeout = Duration::from_secs(s);
             }
+            if let Some(m) = n.min_peers {
+                self.network.min_peers = m;
+            }
+            if let Some(s) = n.kad_bootstrap_secs {
+                self.network.kad_bootstrap_interval = Duration::from_secs(s);
+            }
         }
         if let Some(a) = file.api {
             if let Some(e) = a.enabled {
@@ -261,6 +271,16 @@ impl NodeConfig {
         if self.network.listen.is_empty() {
             return Err(Error::Invalid(
                 "network.listen must name at least one address".into(),
+            ));
+        }
+        if self.network.idle_timeout < Duration::from_secs(1) {
+            return Err(Error::Invalid(
+                "network.idle_timeout_secs must be at least 1".into(),
+            ));
+        }
+        if self.network.kad_bootstrap_interval < Duration::from_secs(1) {
+            return Err(Error::Invalid(
+                "network.kad_bootstrap_secs must be at least 1".into(),
             ));
         }
         if self.api.token.as_deref().is_some_and(|t| t.len() < 16) {
@@ -368,6 +388,7 @@ impl Default for NetworkConfig {
             mdns: true,
             transport: TransportKind::Tcp,
             idle_timeout: Duration::from_secs(60),
+            min_peers: 16,
             kad_bootstrap_interval: Duration::from_secs(300),
         }
     }
@@ -445,6 +466,10 @@ pub struct FileNetwork {
     pub transport: Option<TransportKind>,
     /// Idle connection timeout.
     pub idle_timeout_secs: Option<u64>,
+    /// Connected peers kept even when idle.
+    pub min_peers: Option<usize>,
+    /// Period of the DHT routing-table refresh.
+    pub kad_bootstrap_secs: Option<u64>,
 }
 
 /// `[api]` section.
@@ -529,7 +554,12 @@ mesh = "{mesh}"
 # bootstrap = ["/ip4/203.0.113.7/tcp/{p}/p2p/12D3KooW..."]
 # Find nodes of this mesh on the LAN.
 # mdns = true
+# Connections with no requests for this long are closed (gossip neighbours and
+# bootstrap peers excepted), as long as more than min_peers stay connected.
 # idle_timeout_secs = 60
+# min_peers = 16
+# How often the DHT routing table is refreshed (each refresh contacts many peers).
+# kad_bootstrap_secs = 300
 
 [api]
 # The local HTTP API. Keep it on loopback unless you know why not.
@@ -608,6 +638,31 @@ mod tests {
         assert!(validate_mesh_name("Prod Mesh").is_err());
         assert!(validate_mesh_name("").is_err());
         validate_mesh_name("prod-eu_1").unwrap();
+    }
+
+    #[test]
+    fn network_timers_apply_and_zero_is_refused() {
+        let file = FileConfig::parse(
+            Path::new("t.toml"),
+            "[network]\nidle_timeout_secs = 30\nmin_peers = 4\nkad_bootstrap_secs = 900\n",
+        )
+        .unwrap();
+        let mut cfg = NodeConfig::with_data_dir("/x");
+        cfg.apply_file(file).unwrap();
+        assert_eq!(cfg.network.idle_timeout, Duration::from_secs(30));
+        assert_eq!(cfg.network.min_peers, 4);
+        assert_eq!(cfg.network.kad_bootstrap_interval, Duration::from_secs(900));
+        cfg.validate().unwrap();
+        for (key, toml) in [
+            ("idle_timeout_secs", "[network]\nidle_timeout_secs = 0\n"),
+            ("kad_bootstrap_secs", "[network]\nkad_bootstrap_secs = 0\n"),
+        ] {
+            let mut cfg = NodeConfig::with_data_dir("/x");
+            cfg.apply_file(FileConfig::parse(Path::new("t.toml"), toml).unwrap())
+                .unwrap();
+            let err = cfg.validate().unwrap_err().to_string();
+            assert!(err.contains(key), "{err}");
+        }
     }
 
     #[test]

@@ -23,6 +23,7 @@ use tokio::sync::{mpsc, oneshot};
 mod behaviour;
 mod codec;
 mod event_loop;
+mod idle;
 mod peers;
 mod transport;
 
@@ -93,6 +94,8 @@ pub struct NetStats {
     pub foreign_rejected: u64,
     /// Inbound events dropped because the node was not keeping up.
     pub events_shed: u64,
+    /// Connections closed for being idle (see `network.idle_timeout_secs`).
+    pub idle_closed: u64,
 }
 
 /// Inbound traffic and peer changes, for the node to route to its owners.

@@ -150,3 +150,65 @@ async fn a_failed_start_leaves_the_database_free_for_a_retry() {
         .expect("retry after a failed start");
     node.shutdown().await;
 }
+
+/// Whether `from` has a connection to `to` now.
+async fn connected(from: &TestNode, to: &TestNode) -> bool {
+    from.handle()
+        .net()
+        .peers()
+        .await
+        .unwrap()
+        .iter()
+        .any(|p| p.connected && p.peer_id.to_string() == to.node_id)
+}
+
+/// Gossipsub holds a stream open on every connection, so libp2p's own idle
+/// timeout never fires: the node closes connections no request crossed for
+/// `idle_timeout`, but not while requests flow, and never its bootstrap
+/// peers. Gossip is off so no gossip-mesh neighbour is exempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_close_busy_and_bootstrap_ones_stay() {
+    init_tracing();
+    let quiet = |c: &mut agentmesh::config::NodeConfig| {
+        c.discovery.gossip = false;
+        c.network.idle_timeout = Duration::from_secs(1);
+        c.network.min_peers = 0;
+    };
+    let hub = TestNode::start(quiet).await;
+    let hub_addr = hub.dial_addr.clone();
+    let far = TestNode::start(quiet).await;
+    let me = TestNode::start(|c| {
+        quiet(c);
+        c.network.bootstrap = vec![hub_addr.clone()];
+    })
+    .await;
+    wait_until(
+        "me to reach its bootstrap peer",
+        Duration::from_secs(10),
+        || connected(&me, &hub),
+    )
+    .await;
+
+    let net = me.handle().net().clone();
+    net.dial(far.dial_addr.clone()).await.unwrap();
+    assert!(connected(&me, &far).await);
+    // Requests every 200 ms for 3 s (three idle timeouts) keep it open.
+    let far_id: libp2p::PeerId = far.node_id.parse().unwrap();
+    for _ in 0..15 {
+        // Any answer will do (this one is an error frame): it is traffic.
+        let _ = net.request(far_id, b"ping".to_vec()).await;
+        assert!(connected(&me, &far).await, "a busy connection was closed");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    wait_until(
+        "the idle connection to be closed",
+        Duration::from_secs(15),
+        || async { !connected(&me, &far).await },
+    )
+    .await;
+    assert!(net.stats().await.unwrap().idle_closed >= 1);
+    assert!(
+        connected(&me, &hub).await,
+        "the bootstrap connection must stay"
+    );
+}

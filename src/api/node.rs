@@ -117,6 +117,12 @@ pub async fn metrics(State(node): State<NodeHandle>) -> Result<impl IntoResponse
         "counter",
         net.events_shed,
     );
+    gauge(
+        "agentmesh_idle_connections_closed_total",
+        "Connections closed because no request crossed them for network.idle_timeout_secs.",
+        "counter",
+        net.idle_closed,
+    );
     let d = node.discovery().stats();
     let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
     gauge(

@@ -65,12 +65,15 @@ pub struct Behaviour {
     pub rpc: request_response::Behaviour<FrameCodec>,
 }
 
-/// Build the behaviour. Errors are boxed because that is what the swarm
-/// builder's closure wants.
+/// Build the behaviour. `kad_bootstrap` is the period of the DHT's
+/// routing-table refresh: each one walks every bucket and so contacts
+/// (connects to) a good part of the mesh. Errors are boxed because that is
+/// what the swarm builder's closure wants.
 pub fn build(
     key: &Keypair,
     protocols: &Protocols,
     mdns_on: bool,
+    kad_bootstrap: Duration,
 ) -> Result<Behaviour, Box<dyn std::error::Error + Send + Sync>> {
     let peer_id = key.public().to_peer_id();
 
@@ -85,7 +88,7 @@ pub fn build(
         .set_query_timeout(Duration::from_secs(20))
         .set_provider_record_ttl(Some(PROVIDER_TTL))
         .set_provider_publication_interval(Some(PROVIDER_REPUBLISH))
-        .set_periodic_bootstrap_interval(Some(Duration::from_secs(120)));
+        .set_periodic_bootstrap_interval(Some(kad_bootstrap));
     let mut kad =
         kad::Behaviour::with_config(peer_id, kad::store::MemoryStore::new(peer_id), kad_cfg);
     // Every node serves the DHT: on loopback and private networks addresses

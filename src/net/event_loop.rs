@@ -23,6 +23,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
 use super::behaviour::{Behaviour, BehaviourEvent, Protocols};
+use super::idle::Activity;
 use super::peers::{Bootstrap, Identified, PeerTable, p2p_of, strip_p2p};
 use super::{Command, Error, Event, NetStats};
 use crate::config::NetworkConfig;
@@ -63,6 +64,7 @@ enum Step {
     Swarm(SwarmEvent<BehaviourEvent>),
     Bootstrap,
     Delayed(DelayedRequest),
+    Prune,
 }
 
 /// A request held back by an artificial link delay (simulations).
@@ -91,6 +93,12 @@ pub struct EventLoop {
     /// Artificial one-way delay of requests to some peers (simulated slow links).
     link_delays: HashMap<PeerId, Duration>,
     delayed: FuturesUnordered<BoxFuture<'static, DelayedRequest>>,
+    /// Last request/response per connected peer, to close idle connections.
+    activity: Activity,
+    /// Connections idle this long are closed (see [`super::idle`]).
+    idle_timeout: Duration,
+    /// Idle connections are not closed below this many connected peers.
+    min_peers: usize,
 }
 
 impl EventLoop {
@@ -123,6 +131,9 @@ impl EventLoop {
             rng: seed_rng(),
             link_delays: HashMap::new(),
             delayed: FuturesUnordered::new(),
+            activity: Activity::default(),
+            idle_timeout: net.idle_timeout,
+            min_peers: net.min_peers,
         };
         let mut listeners = HashSet::new();
         for addr in &net.listen {
@@ -188,6 +199,9 @@ impl EventLoop {
 
     /// Run until shutdown.
     pub async fn run(mut self) {
+        let every = (self.idle_timeout / 4).clamp(Duration::from_secs(1), Duration::from_secs(15));
+        let mut prune = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        prune.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let next_boot = self.bootstrap.next_due();
             let boot_sleep = tokio::time::sleep_until(
@@ -213,6 +227,7 @@ impl EventLoop {
                 ev = self.swarm.select_next_some() => Step::Swarm(ev),
                 Some(cmd) = self.delayed.next(), if !self.delayed.is_empty() => Step::Delayed(cmd),
                 _ = boot_sleep, if next_boot.is_some() => Step::Bootstrap,
+                _ = prune.tick() => Step::Prune,
             };
             match step {
                 Step::Command(None) => break,
@@ -225,6 +240,7 @@ impl EventLoop {
                 Step::Swarm(ev) => self.handle_swarm_event(ev),
                 Step::Bootstrap => self.dial_bootstrap(),
                 Step::Delayed(cmd) => self.send_request_now(cmd),
+                Step::Prune => self.close_idle(),
             }
         }
         debug!("network event loop stopped");
@@ -478,7 +494,28 @@ impl EventLoop {
         }
     }
 
+    /// Close connections to peers idle past the timeout (see [`super::idle`]).
+    fn close_idle(&mut self) {
+        let behaviour = self.swarm.behaviour();
+        let mut keep: HashSet<PeerId> = behaviour.gossipsub.all_mesh_peers().copied().collect();
+        keep.extend(self.bootstrap.connected_peers());
+        keep.extend(self.requests.values().map(|(p, _)| *p));
+        let idle =
+            self.activity
+                .idle_peers(Instant::now(), self.idle_timeout, self.min_peers, |p| {
+                    keep.contains(p)
+                });
+        for peer in idle {
+            debug!(%peer, "closing an idle connection");
+            self.stats.idle_closed += 1;
+            // Forget it now: a peer whose close is under way is not a candidate again.
+            self.activity.disconnected(&peer);
+            let _ = self.swarm.disconnect_peer_id(peer);
+        }
+    }
+
     fn send_request_now(&mut self, r: DelayedRequest) {
+        self.activity.touch(&r.peer, Instant::now());
         let id = self.swarm.behaviour_mut().rpc.send_request(&r.peer, r.data);
         self.requests.insert(id, (r.peer, r.reply));
     }
@@ -506,6 +543,8 @@ impl EventLoop {
                     return;
                 }
                 self.peers.connected(peer_id);
+                self.activity
+                    .connected(peer_id, endpoint.is_dialer(), Instant::now());
                 if let ConnectedPoint::Dialer { address, .. } = &endpoint {
                     self.peers.add_addr(peer_id, address.clone());
                 }
@@ -526,6 +565,7 @@ impl EventLoop {
                     self.emit(Event::PeerDisconnected { peer: peer_id });
                 }
                 if num_established == 0 {
+                    self.activity.disconnected(&peer_id);
                     let j = self.jitter();
                     self.bootstrap.peer_gone(&peer_id, Instant::now(), j);
                 }
@@ -665,25 +705,28 @@ impl EventLoop {
 
     fn on_rpc(&mut self, ev: request_response::Event<Vec<u8>, Vec<u8>>) {
         match ev {
-            request_response::Event::Message { peer, message, .. } => match message {
-                request_response::Message::Request {
-                    request, channel, ..
-                } => {
-                    self.emit(Event::InboundRequest {
-                        peer,
-                        data: request,
-                        channel,
-                    });
-                }
-                request_response::Message::Response {
-                    request_id,
-                    response,
-                } => {
-                    if let Some((_, reply)) = self.requests.remove(&request_id) {
-                        let _ = reply.send(Ok(response));
+            request_response::Event::Message { peer, message, .. } => {
+                self.activity.touch(&peer, Instant::now());
+                match message {
+                    request_response::Message::Request {
+                        request, channel, ..
+                    } => {
+                        self.emit(Event::InboundRequest {
+                            peer,
+                            data: request,
+                            channel,
+                        });
+                    }
+                    request_response::Message::Response {
+                        request_id,
+                        response,
+                    } => {
+                        if let Some((_, reply)) = self.requests.remove(&request_id) {
+                            let _ = reply.send(Ok(response));
+                        }
                     }
                 }
-            },
+            }
             request_response::Event::OutboundFailure {
                 peer,
                 request_id,
@@ -700,7 +743,9 @@ impl EventLoop {
             request_response::Event::InboundFailure { peer, error, .. } => {
                 debug!(%peer, error = %error, "inbound request failed");
             }
-            request_response::Event::ResponseSent { .. } => {}
+            request_response::Event::ResponseSent { peer, .. } => {
+                self.activity.touch(&peer, Instant::now())
+            }
         }
     }
 }

@@ -267,6 +267,14 @@ impl Bootstrap {
         }
     }
 
+    /// Peers we are connected to through a bootstrap entry.
+    pub fn connected_peers(&self) -> impl Iterator<Item = PeerId> + '_ {
+        self.entries.iter().filter_map(|e| match e.state {
+            BootState::Up(p) => Some(p),
+            _ => None,
+        })
+    }
+
     /// Peer ids named in bootstrap addresses, with the address to use.
     pub fn named_peers(&self) -> Vec<(PeerId, Multiaddr)> {
         self.entries

@@ -22,7 +22,7 @@ pub fn build_swarm(
     let err = |e: &dyn std::fmt::Display| BuildError(e.to_string());
     let idle = net.idle_timeout;
     let mdns = net.mdns && net.transport == TransportKind::Tcp;
-    let make = |k: &Keypair| behaviour::build(k, protocols, mdns);
+    let make = |k: &Keypair| behaviour::build(k, protocols, mdns, net.kad_bootstrap_interval);
     let swarm = match net.transport {
         TransportKind::Tcp => SwarmBuilder::with_existing_identity(key.clone())
             .with_tokio()

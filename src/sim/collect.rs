@@ -104,6 +104,7 @@ pub async fn extra(w: &World) -> Extra {
         c.dead_lettered += st.dead_lettered.load(Ordering::Relaxed);
         if let Ok(ns) = h.net().stats().await {
             c.net_events_shed += ns.events_shed;
+            c.idle_connections_closed += ns.idle_closed;
         }
     }
     x

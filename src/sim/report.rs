@@ -174,6 +174,8 @@ pub struct NodeCounters {
     pub dead_lettered: u64,
     /// Inbound network events dropped because a node did not keep up.
     pub net_events_shed: u64,
+    /// Connections the nodes closed for being idle.
+    pub idle_connections_closed: u64,
 }
 
 /// The mesh once a second.

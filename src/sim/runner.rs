@@ -114,11 +114,13 @@ pub async fn run(s: Scenario, o: &RunOptions) -> Result<Summary, Error> {
         departed: Default::default(),
         faults: Default::default(),
         markers: Vec::new(),
+        leaving: Vec::new(),
     };
     let result = drive(&mut w, &mut phases, o, seed).await;
     // Whatever happened, stop everything before the scratch dir goes.
     let t = Instant::now();
     w.consumers.stop_all().await;
+    futures::future::join_all(std::mem::take(&mut w.leaving)).await;
     for i in 0..w.cluster.len() {
         w.live.set_handle(i, None);
     }

@@ -195,6 +195,7 @@ struct RawMesh {
 struct RawNetwork {
     idle_timeout: Option<Dur>,
     kad_bootstrap_interval: Option<Dur>,
+    min_peers: Option<usize>,
 }
 
 #[derive(Deserialize, Default)]
@@ -387,6 +388,7 @@ fn build_node(
     let net = &mut c.network;
     net.idle_timeout = dur(n.idle_timeout, net.idle_timeout);
     net.kad_bootstrap_interval = dur(n.kad_bootstrap_interval, net.kad_bootstrap_interval);
+    net.min_peers = n.min_peers.unwrap_or(net.min_peers);
     let disc = &mut c.discovery;
     disc.ad_ttl = dur(d.ad_ttl, disc.ad_ttl);
     disc.refresh_interval = dur(d.refresh_interval, disc.refresh_interval);

@@ -25,7 +25,7 @@ use crate::cluster::{Cluster, SeededRng};
 use crate::config::NodeConfig;
 use crate::discovery::Registration;
 use crate::identity::AgentId;
-use crate::node::NodeHandle;
+use crate::node::{Node, NodeHandle};
 use crate::wire::Capability;
 
 /// The cluster and everything the faults change.
@@ -60,6 +60,9 @@ pub struct World {
     pub faults: BTreeMap<String, u64>,
     /// `(timeline seconds, label)` of each applied action.
     pub markers: Vec<(f64, String)>,
+    /// Graceful stops of departed nodes still under way (they run in the
+    /// background so a leave does not hold up the timeline).
+    pub leaving: Vec<tokio::task::JoinHandle<()>>,
 }
 
 /// Apply the scenario's timer overrides to a node configuration made by
@@ -69,6 +72,7 @@ pub fn tweak(base: &NodeConfig, cfg: &mut NodeConfig) {
     cfg.delivery = base.delivery.clone();
     cfg.network.idle_timeout = base.network.idle_timeout;
     cfg.network.kad_bootstrap_interval = base.network.kad_bootstrap_interval;
+    cfg.network.min_peers = base.network.min_peers;
 }
 
 /// The registration of simulation agent `j` of node `slot`.
@@ -135,21 +139,25 @@ impl World {
             }
             Action::Leave(nodes) => {
                 for &i in nodes {
-                    let t = Instant::now();
                     self.down(i).await;
-                    let down_s = t.elapsed().as_secs_f64();
-                    let t = Instant::now();
-                    self.cluster.stop(i).await;
-                    let stop_s = t.elapsed().as_secs_f64();
-                    info!(node = i, down_s, stop_s, "sim: node left");
                     self.departed.insert(i);
+                    if let Some(node) = self.cluster.detach(i) {
+                        let t = Instant::now();
+                        self.leaving.push(tokio::spawn(async move {
+                            node.shutdown().await;
+                            info!(
+                                node = i,
+                                stop_s = t.elapsed().as_secs_f64(),
+                                "sim: node left"
+                            );
+                        }));
+                    }
                 }
+                self.leaving.retain(|h| !h.is_finished());
                 self.count("leave", nodes.len());
             }
             Action::Join { nodes, late } => {
-                for &i in nodes {
-                    self.join(i, *late).await?;
-                }
+                self.join(nodes, *late).await?;
                 self.count(if *late { "late_join" } else { "join" }, nodes.len());
             }
             Action::Partition { groups, group_of } => {
@@ -196,26 +204,38 @@ impl World {
         Ok(())
     }
 
-    /// Start a fresh node in slot `i`.
-    async fn join(&mut self, i: usize, late: bool) -> Result<(), Error> {
-        if self.cluster.len() != i {
-            return Err(Error::Failed(format!(
-                "the plan expected the next node to be {i}, the cluster has {}",
-                self.cluster.len()
-            )));
-        }
+    /// Start fresh nodes in slots `nodes` (the next ones) concurrently,
+    /// register their agents, and bring them into the view.
+    async fn join(&mut self, nodes: &[usize], late: bool) -> Result<(), Error> {
         let t_start = Instant::now();
-        let peers = self.pick_peers(None);
         let base = self.scenario.node.clone();
-        let got = self
-            .cluster
-            .add_node(|_, cfg| {
+        let mut configs = Vec::with_capacity(nodes.len());
+        for &i in nodes {
+            if self.cluster.len() != i {
+                return Err(Error::Failed(format!(
+                    "the plan expected the next node to be {i}, the cluster has {}",
+                    self.cluster.len()
+                )));
+            }
+            let peers = self.pick_peers(None);
+            let (got, cfg) = self.cluster.reserve(|_, cfg| {
                 tweak(&base, cfg);
                 cfg.network.bootstrap = peers.clone();
-            })
-            .await
-            .map_err(|source| Error::Start { node: i, source })?;
-        debug_assert_eq!(got, i);
+            });
+            debug_assert_eq!(got, i);
+            configs.push(cfg);
+        }
+        let started = futures::future::join_all(configs.into_iter().map(Node::start)).await;
+        let mut failed = None;
+        for (&i, r) in nodes.iter().zip(started) {
+            match r {
+                Ok(node) => self.cluster.attach(i, node),
+                Err(source) => failed = failed.or(Some(Error::Start { node: i, source })),
+            }
+        }
+        if let Some(e) = failed {
+            return Err(e);
+        }
         let start_s = t_start.elapsed().as_secs_f64();
         let t_reg = Instant::now();
         let target: Vec<(AgentId, usize)> = self.live.with(|v| {
@@ -225,25 +245,33 @@ impl World {
                 .map(|(a, s)| (a.clone(), *s))
                 .collect()
         });
-        let h = self.handle(i)?;
-        let ids = register_agents(&self.scenario, i, &h).await?;
-        self.live.add_agents(i, &ids, self.plan.survives(i));
-        drop(h);
+        let handles = nodes
+            .iter()
+            .map(|&i| self.handle(i))
+            .collect::<Result<Vec<_>, _>>()?;
+        let scenario = &self.scenario;
+        let regs = futures::future::join_all(
+            nodes
+                .iter()
+                .zip(&handles)
+                .map(|(&i, h)| register_agents(scenario, i, h)),
+        )
+        .await;
+        drop(handles);
         let register_s = t_reg.elapsed().as_secs_f64();
-        let start = self.now_s();
-        self.watch
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .add_joiner(i, late, target, start);
-        let t_up = Instant::now();
-        self.up(i, false).await;
+        for (&i, ids) in nodes.iter().zip(regs) {
+            let ids = ids?;
+            self.live.add_agents(i, &ids, self.plan.survives(i));
+            let start = self.now_s();
+            self.watch
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .add_joiner(i, late, target.clone(), start);
+            self.up(i, false).await;
+        }
         info!(
-            node = i,
-            late,
-            start_s,
-            register_s,
-            up_s = t_up.elapsed().as_secs_f64(),
-            "sim: node joined"
+            nodes = nodes.len(),
+            late, start_s, register_s, "sim: nodes joined"
         );
         Ok(())
     }
