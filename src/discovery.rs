@@ -37,10 +37,10 @@ use crate::wire::{self, AdBody, AdState, Capability, SignedAd};
 
 pub mod ad;
 pub mod dht;
+mod ingest;
 pub mod local;
 pub mod matching;
 pub mod registry;
-mod ingest;
 mod service;
 mod sync;
 
