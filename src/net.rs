@@ -125,8 +125,6 @@ pub enum Event {
     Gossip {
         /// Topic name.
         topic: String,
-        /// Original publisher (signed).
-        source: Option<PeerId>,
         /// Peer that forwarded it to us.
         propagation_source: PeerId,
         /// Message id for validation.

@@ -429,7 +429,6 @@ impl EventLoop {
                 message,
             }) => self.emit(Event::Gossip {
                 topic: message.topic.into_string(),
-                source: message.source,
                 propagation_source,
                 message_id,
                 data: message.data,

@@ -102,10 +102,16 @@ pub async fn extra(w: &World) -> Extra {
         c.batches_failed += st.batches_failed.load(Ordering::Relaxed);
         c.expired += st.expired.load(Ordering::Relaxed);
         c.dead_lettered += st.dead_lettered.load(Ordering::Relaxed);
-        if let Ok(ns) = h.net().stats().await {
-            c.net_events_shed += ns.events_shed;
-            c.idle_connections_closed += ns.idle_closed;
-        }
+    }
+    // Network counters come from each node's swarm task: ask them all at
+    // once (one by one, a busy 300-node process took minutes).
+    let running = w.live.running();
+    let stats =
+        futures::future::join_all(running.iter().map(|(_, h)| async move { h.net().stats().await }))
+            .await;
+    for ns in stats.into_iter().flatten() {
+        x.counters.net_events_shed += ns.events_shed;
+        x.counters.idle_connections_closed += ns.idle_closed;
     }
     x
 }
