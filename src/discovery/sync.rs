@@ -48,6 +48,11 @@ impl Discovery {
             return;
         };
         self.inner.stats.sync_rounds.fetch_add(1, Ordering::Relaxed);
+        *self
+            .inner
+            .last_sync
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(std::time::Instant::now());
         let Some(theirs) = theirs else {
             return;
         };

@@ -97,6 +97,12 @@ pub fn build(
 
     let gossip_cfg = gossipsub::ConfigBuilder::default()
         .heartbeat_interval(Duration::from_millis(700))
+        // A message is forwarded only if our verdict arrives while it is
+        // still in the message cache (history_length heartbeats). The
+        // default 5 (3.5 s here) was too short for a node under load: late
+        // verdicts were dropped ("message not in cache") and the ad stopped
+        // spreading on that path.
+        .history_length(20)
         // Anonymous: no gossipsub-level signature. Every payload on our
         // topics carries its own signatures (an ad is signed by its agent and
         // its node, and checked before it is accepted or forwarded), and
