@@ -11,7 +11,7 @@ use std::sync::atomic::Ordering;
 use libp2p::PeerId;
 use tracing::debug;
 
-use super::{Discovery, dht, registry::digest_of};
+use super::{Discovery, dht};
 use crate::wire::{self, Request, Response, rpc::MAX_ADS_PER_FRAME};
 
 impl Discovery {
@@ -93,11 +93,11 @@ impl Discovery {
     pub async fn handle_request(&self, peer: PeerId, req: Request) -> Response {
         match req {
             Request::SyncDigest { digest, .. } => {
-                let summary = self.read_registry().summary();
-                if digest_of(&summary) == digest {
+                let reg = self.read_registry();
+                if reg.digest() == digest {
                     Response::Summary(None)
                 } else {
-                    Response::Summary(Some(summary))
+                    Response::Summary(Some(reg.summary()))
                 }
             }
             Request::FetchAds { ids } => {
