@@ -48,12 +48,8 @@ impl Discovery {
             return;
         };
         self.inner.stats.sync_rounds.fetch_add(1, Ordering::Relaxed);
-        *self
-            .inner
-            .last_sync
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = Some(std::time::Instant::now());
         let Some(theirs) = theirs else {
+            self.synced_now();
             return;
         };
         let wanted = self.read_registry().wanted(&theirs);
@@ -64,6 +60,7 @@ impl Discovery {
             .cloned()
             .collect();
         let mut pulled = 0;
+        let mut complete = true;
         for chunk in wanted.chunks(MAX_ADS_PER_FRAME) {
             if let Some(Response::Ads(ads)) = self
                 .call(
@@ -75,7 +72,14 @@ impl Discovery {
                 .await
             {
                 pulled += self.ingest(ads).await;
+            } else {
+                complete = false;
             }
+        }
+        // Only a round that brought the whole difference counts: a node
+        // whose first pull failed keeps syncing on its next connections.
+        if complete {
+            self.synced_now();
         }
         for chunk in offered.chunks(MAX_ADS_PER_FRAME) {
             self.call(
@@ -87,6 +91,15 @@ impl Discovery {
             .await;
         }
         debug!(%peer, pulled, pushed = offered.len(), "anti-entropy round done");
+    }
+
+    /// Note that a round got the peer's whole view (see `on_peer_connected`).
+    fn synced_now(&self) {
+        *self
+            .inner
+            .last_sync
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(std::time::Instant::now());
     }
 
     /// Answer a discovery request from `peer`.
