@@ -191,7 +191,10 @@ async fn idle_connections_close_busy_and_bootstrap_ones_stay() {
 
     let net = me.handle().net().clone();
     net.dial(far.dial_addr.clone()).await.unwrap();
-    assert!(connected(&me, &far).await);
+    wait_until("me to identify far", Duration::from_secs(10), || {
+        connected(&me, &far)
+    })
+    .await;
     // Requests every 200 ms for 3 s (three idle timeouts) keep it open.
     let far_id: libp2p::PeerId = far.node_id.parse().unwrap();
     for _ in 0..15 {

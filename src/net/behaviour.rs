@@ -120,10 +120,8 @@ pub fn build(
             gossipsub::MessageId::from(h.finalize()[..20].to_vec())
         })
         .build()?;
-    let gossipsub = gossipsub::Behaviour::new(
-        gossipsub::MessageAuthenticity::Anonymous,
-        gossip_cfg,
-    )?;
+    let gossipsub =
+        gossipsub::Behaviour::new(gossipsub::MessageAuthenticity::Anonymous, gossip_cfg)?;
 
     let mdns = if mdns_on {
         Some(mdns::tokio::Behaviour::new(

@@ -106,9 +106,12 @@ pub async fn extra(w: &World) -> Extra {
     // Network counters come from each node's swarm task: ask them all at
     // once (one by one, a busy 300-node process took minutes).
     let running = w.live.running();
-    let stats =
-        futures::future::join_all(running.iter().map(|(_, h)| async move { h.net().stats().await }))
-            .await;
+    let stats = futures::future::join_all(
+        running
+            .iter()
+            .map(|(_, h)| async move { h.net().stats().await }),
+    )
+    .await;
     for ns in stats.into_iter().flatten() {
         x.counters.net_events_shed += ns.events_shed;
         x.counters.idle_connections_closed += ns.idle_closed;
