@@ -122,7 +122,8 @@ impl std::fmt::Debug for NodeHandle {
 /// A running node. Dropping it without `shutdown` aborts its tasks.
 pub struct Node {
     handle: Option<NodeHandle>,
-    tasks: Vec<JoinHandle<()>>,
+    /// The node's tasks, named for the logs.
+    tasks: Vec<(&'static str, JoinHandle<()>)>,
     writer: Option<WriterThread>,
 }
 
@@ -147,7 +148,7 @@ impl Node {
                 // Undo what started, and close the database, so that a
                 // caller may retry at once without finding it in use.
                 cancel.cancel();
-                for t in tasks {
+                for (_, t) in tasks {
                     t.abort();
                     let _ = t.await;
                 }
@@ -167,7 +168,7 @@ impl Node {
         key: NodeKey,
         span: tracing::Span,
         store: Store,
-        tasks: &mut Vec<tokio::task::JoinHandle<()>>,
+        tasks: &mut Vec<(&'static str, JoinHandle<()>)>,
         cancel: CancellationToken,
     ) -> Result<NodeHandle, StartError> {
         let node_id = key.peer_id();
@@ -185,7 +186,10 @@ impl Node {
         .instrument(span.clone())
         .await?;
         let listen_addrs = event_loop.listen_addrs().to_vec();
-        tasks.push(tokio::spawn(event_loop.run().instrument(span.clone())));
+        tasks.push((
+            "network",
+            tokio::spawn(event_loop.run().instrument(span.clone())),
+        ));
 
         let discovery = Discovery::start(
             key.clone(),
@@ -197,11 +201,14 @@ impl Node {
         )
         .instrument(span.clone())
         .await?;
-        tasks.push(tokio::spawn(
-            discovery
-                .clone()
-                .run(cancel.clone())
-                .instrument(span.clone()),
+        tasks.push((
+            "discovery",
+            tokio::spawn(
+                discovery
+                    .clone()
+                    .run(cancel.clone())
+                    .instrument(span.clone()),
+            ),
         ));
         let router = Arc::new(Router::new(discovery.clone()));
         let (delivery, courier) = Delivery::start(
@@ -213,7 +220,7 @@ impl Node {
             config.delivery.clone(),
             cancel.clone(),
         )?;
-        tasks.push(tokio::spawn(courier.instrument(span.clone())));
+        tasks.push(("courier", tokio::spawn(courier.instrument(span.clone()))));
 
         let handle = NodeHandle {
             inner: Arc::new(Inner {
@@ -233,8 +240,11 @@ impl Node {
             }),
         };
 
-        tasks.push(tokio::spawn(
-            dispatch(handle.clone(), events_rx, cancel.clone()).instrument(span.clone()),
+        tasks.push((
+            "dispatch",
+            tokio::spawn(
+                dispatch(handle.clone(), events_rx, cancel.clone()).instrument(span.clone()),
+            ),
         ));
 
         if handle.inner.config.api.enabled {
@@ -256,17 +266,15 @@ impl Node {
             }
             let app = crate::api::router(handle.clone());
             let shutdown = cancel.clone();
-            tasks.push(tokio::spawn(
-                async move {
-                    info!(%addr, "API listening");
-                    let serve = axum::serve(listener, app)
-                        .with_graceful_shutdown(async move { shutdown.cancelled().await });
-                    if let Err(e) = serve.await {
-                        warn!(error = %e, "API server stopped with an error");
-                    }
+            let api = async move {
+                info!(%addr, "API listening");
+                let serve = axum::serve(listener, app)
+                    .with_graceful_shutdown(async move { shutdown.cancelled().await });
+                if let Err(e) = serve.await {
+                    warn!(error = %e, "API server stopped with an error");
                 }
-                .instrument(span.clone()),
-            ));
+            };
+            tasks.push(("api", tokio::spawn(api.instrument(span.clone()))));
         }
         info!(parent: &span, node_id = %node_id, mesh = %handle.inner.config.mesh, "node started");
         Ok(handle)
@@ -294,9 +302,9 @@ impl Node {
         self.handle().inner.net.shutdown().await;
         // One grace period for all tasks together, not one each.
         let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
-        for mut t in std::mem::take(&mut self.tasks) {
+        for (task, mut t) in std::mem::take(&mut self.tasks) {
             if tokio::time::timeout_at(deadline, &mut t).await.is_err() {
-                warn!("a task did not stop in time; aborting it");
+                warn!(%node_id, task, "task did not stop within the shutdown grace; aborting it");
                 t.abort();
             }
         }
@@ -309,7 +317,7 @@ impl Node {
     /// node can be started again in the same process.
     pub async fn crash(mut self) {
         self.cancel();
-        for t in std::mem::take(&mut self.tasks) {
+        for (_, t) in std::mem::take(&mut self.tasks) {
             t.abort();
             let _ = t.await;
         }
@@ -339,7 +347,7 @@ impl Node {
 
 impl Drop for Node {
     fn drop(&mut self) {
-        for t in &self.tasks {
+        for (_, t) in &self.tasks {
             t.abort();
         }
     }
