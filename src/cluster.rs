@@ -334,6 +334,19 @@ impl Cluster {
         Ok(())
     }
 
+    /// Stop every running node abruptly (concurrently), as a crash would,
+    /// and consume the cluster: for tearing down a large simulation whose
+    /// results are read, where a graceful stop would have every node
+    /// announce its agents offline to all the others.
+    pub async fn crash_all(mut self) {
+        let nodes: Vec<Node> = self
+            .slots
+            .iter_mut()
+            .filter_map(|s| s.node.take())
+            .collect();
+        futures::future::join_all(nodes.into_iter().map(Node::crash)).await;
+    }
+
     /// Stop every running node gracefully (concurrently) and consume the cluster.
     pub async fn shutdown(mut self) {
         let nodes: Vec<Node> = self
