@@ -339,22 +339,20 @@ impl Cluster {
     /// results are read, where a graceful stop would have every node
     /// announce its agents offline to all the others.
     pub async fn crash_all(mut self) {
-        let nodes: Vec<Node> = self
-            .slots
-            .iter_mut()
-            .filter_map(|s| s.node.take())
-            .collect();
-        futures::future::join_all(nodes.into_iter().map(Node::crash)).await;
+        futures::future::join_all(self.take_running().into_iter().map(Node::crash)).await;
     }
 
     /// Stop every running node gracefully (concurrently) and consume the cluster.
     pub async fn shutdown(mut self) {
-        let nodes: Vec<Node> = self
-            .slots
+        futures::future::join_all(self.take_running().into_iter().map(Node::shutdown)).await;
+    }
+
+    /// Detach every running node.
+    fn take_running(&mut self) -> Vec<Node> {
+        self.slots
             .iter_mut()
             .filter_map(|s| s.node.take())
-            .collect();
-        futures::future::join_all(nodes.into_iter().map(Node::shutdown)).await;
+            .collect()
     }
 }
 

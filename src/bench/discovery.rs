@@ -177,19 +177,8 @@ pub async fn run(opts: Opts) -> Result<(), Error> {
 }
 
 /// The command-line spelling of an option value.
-fn name(v: impl ValueEnum) -> String {
-    v.to_possible_value()
-        .map(|p| p.get_name().to_string())
-        .unwrap_or_default()
-}
-
-fn on_off(b: bool) -> &'static str {
-    if b { "on" } else { "off" }
-}
-
-async fn measure(cluster: &Cluster, opts: &Opts, root: &Path) -> Result<(), Error> {
-    let nodes = cluster.handles();
-    let mut rng = SeededRng::new(opts.seed);
+/// Wait until every node has an identified peer; returns how long it took.
+async fn wait_all_peered(nodes: &[NodeHandle]) -> Result<Duration, Error> {
     let t0 = Instant::now();
     poll_until(
         "every node to have an identified peer",
@@ -205,7 +194,23 @@ async fn measure(cluster: &Cluster, opts: &Opts, root: &Path) -> Result<(), Erro
         },
     )
     .await?;
-    let peered = t0.elapsed();
+    Ok(t0.elapsed())
+}
+
+fn name(v: impl ValueEnum) -> String {
+    v.to_possible_value()
+        .map(|p| p.get_name().to_string())
+        .unwrap_or_default()
+}
+
+fn on_off(b: bool) -> &'static str {
+    if b { "on" } else { "off" }
+}
+
+async fn measure(cluster: &Cluster, opts: &Opts, root: &Path) -> Result<(), Error> {
+    let nodes = cluster.handles();
+    let mut rng = SeededRng::new(opts.seed);
+    let peered = wait_all_peered(&nodes).await?;
     let first = nodes
         .first()
         .ok_or_else(|| Error::Failed("the mesh has no nodes".into()))?;

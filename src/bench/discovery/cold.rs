@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 
 use super::super::Error;
 use super::super::support::{Summary, ms, poll_until};
+use super::Opts;
 use super::agents::{agent, registration};
-use super::{Opts, READY_POLL, READY_TIMEOUT, has_peer};
 use crate::cluster::{Cluster, SeededRng};
 use crate::discovery::{Filter, NamePattern, Query};
 use crate::node::NodeHandle;
@@ -57,25 +57,8 @@ pub(super) async fn run(opts: &Opts, root: &Path) -> Result<(), Error> {
 
 async fn measure(cluster: &Cluster, opts: &Opts) -> Result<(), Error> {
     let nodes = cluster.handles();
-    let t0 = Instant::now();
-    poll_until(
-        "every node to have an identified peer",
-        READY_POLL,
-        READY_TIMEOUT,
-        || std::future::ready(nodes.iter().all(has_peer).then_some(())),
-        || {
-            format!(
-                "{} of {} nodes have one",
-                nodes.iter().filter(|h| has_peer(h)).count(),
-                nodes.len()
-            )
-        },
-    )
-    .await?;
-    println!(
-        "every node had an identified peer after {} ms",
-        ms(t0.elapsed())
-    );
+    let peered = super::wait_all_peered(&nodes).await?;
+    println!("every node had an identified peer after {} ms", ms(peered));
     // Its own seed stream, so adding this part changes no earlier choice.
     let mut rng = SeededRng::new(opts.seed.wrapping_add(0x00c0_1d00));
     let mut hits = Vec::with_capacity(opts.dht_lookups);
