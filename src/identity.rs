@@ -169,9 +169,16 @@ pub fn public_key_of(peer: &PeerId) -> Result<[u8; 32], Error> {
 }
 
 /// An agent's id: `agt_` + base58(public key).
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize)]
+#[serde(try_from = "String")]
 pub struct AgentId(String);
+
+/// Serialized as the plain string, without the copy `into = "String"` makes.
+impl Serialize for AgentId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
 
 impl AgentId {
     /// The id of a public key.

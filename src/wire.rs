@@ -64,13 +64,19 @@ fn config() -> bincode::config::Configuration<
 
 /// Encode a value with the version header.
 pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
-    let mut out = WIRE_VERSION.to_le_bytes().to_vec();
-    // Encoding into a Vec only fails for types serde cannot represent in
-    // bincode (maps with non-string keys are fine; `deserialize_any` types
-    // are not used on the wire), which is a programming error caught by tests.
-    let body =
-        bincode::serde::encode_to_vec(value, config()).expect("wire types are bincode-encodable");
-    out.extend_from_slice(&body);
+    // Encoding only fails for types serde cannot represent in bincode
+    // (`deserialize_any` types are not used on the wire): a programming
+    // error caught by tests. A sizing pass first lets the bytes go straight
+    // into one allocation of the right size (growing a Vec while encoding a
+    // 1 KiB message reallocated and copied it about eight times).
+    let mut size = bincode::enc::write::SizeWriter::default();
+    bincode::serde::encode_into_writer(value, &mut size, config())
+        .expect("wire types are bincode-encodable");
+    let mut out = vec![0u8; 2 + size.bytes_written];
+    out[..2].copy_from_slice(&WIRE_VERSION.to_le_bytes());
+    let n = bincode::serde::encode_into_slice(value, &mut out[2..], config())
+        .expect("wire types are bincode-encodable");
+    debug_assert_eq!(n, size.bytes_written);
     out
 }
 
