@@ -215,10 +215,13 @@ fn decode_agent_key(s: &str) -> Option<[u8; 32]> {
 
 /// Cheap shape check: `agt_` and 32 to 44 base58 characters.
 fn looks_like_agent_id(s: &str) -> bool {
-    const ALPHABET: &[u8] = b"123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz";
-    s.strip_prefix(AGENT_PREFIX).is_some_and(|rest| {
-        (32..=44).contains(&rest.len()) && rest.bytes().all(|b| ALPHABET.contains(&b))
-    })
+    // Base58: digits and letters without 0, O, I and l. A match per byte
+    // (ids are checked on every decode, so no linear alphabet search).
+    fn is_base58(b: u8) -> bool {
+        matches!(b, b'1'..=b'9' | b'A'..=b'H' | b'J'..=b'N' | b'P'..=b'Z' | b'a'..=b'k' | b'm'..=b'z')
+    }
+    s.strip_prefix(AGENT_PREFIX)
+        .is_some_and(|rest| (32..=44).contains(&rest.len()) && rest.bytes().all(is_base58))
 }
 
 /// Parsing user input is strict: the id must name a valid ed25519 key.
@@ -366,6 +369,22 @@ mod tests {
             "agent_xyz",
         ] {
             assert!(s.parse::<AgentId>().is_err(), "{s}");
+        }
+    }
+
+    #[test]
+    fn decoding_checks_the_base58_shape() {
+        let good = AgentId::from_public(&generate_key().unwrap().verifying_key().to_bytes());
+        assert!(AgentId::try_from(good.as_str().to_string()).is_ok());
+        // Every character outside the bitcoin alphabet is refused.
+        let alphabet = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz";
+        for b in 0u8..=255 {
+            let c = b as char;
+            let mut s = good.as_str().to_string();
+            s.pop();
+            s.push(c);
+            let ok = AgentId::try_from(s).is_ok();
+            assert_eq!(ok, alphabet.contains(c), "character {b:#x}");
         }
     }
 }

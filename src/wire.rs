@@ -72,11 +72,11 @@ pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     let mut size = bincode::enc::write::SizeWriter::default();
     bincode::serde::encode_into_writer(value, &mut size, config())
         .expect("wire types are bincode-encodable");
-    let mut out = vec![0u8; 2 + size.bytes_written];
-    out[..2].copy_from_slice(&WIRE_VERSION.to_le_bytes());
-    let n = bincode::serde::encode_into_slice(value, &mut out[2..], config())
+    let mut out = Vec::with_capacity(2 + size.bytes_written);
+    out.extend_from_slice(&WIRE_VERSION.to_le_bytes());
+    // Writing into a Vec with room reserved cannot fail or reallocate.
+    bincode::serde::encode_into_std_write(value, &mut out, config())
         .expect("wire types are bincode-encodable");
-    debug_assert_eq!(n, size.bytes_written);
     out
 }
 
@@ -194,5 +194,26 @@ mod tests {
     #[test]
     fn domains_separate_signatures() {
         assert_ne!(signing_bytes("ad", &1u8), signing_bytes("receipt", &1u8));
+    }
+
+    #[test]
+    fn byte_fields_keep_their_encoding() {
+        // `serde_bytes` fields write one length and the raw bytes, which is
+        // byte for byte what a plain `Vec<u8>` wrote (a length, then each
+        // byte): peers on builds from before the change still understand.
+        #[derive(Debug, PartialEq, Serialize, Deserialize)]
+        struct Raw {
+            #[serde(with = "serde_bytes")]
+            c: Vec<u8>,
+        }
+        #[derive(Debug, PartialEq, Serialize, Deserialize)]
+        struct Plain {
+            c: Vec<u8>,
+        }
+        let c: Vec<u8> = (0..=255u8).chain(0..=255u8).collect();
+        let raw = encode(&Raw { c: c.clone() });
+        assert_eq!(raw, encode(&Plain { c: c.clone() }));
+        assert_eq!(decode::<Plain>(&raw, 4096).unwrap().c, c);
+        assert_eq!(decode::<Raw>(&raw, 4096).unwrap().c, c);
     }
 }

@@ -68,8 +68,10 @@ pub struct SignedAd {
     /// The content.
     pub body: AdBody,
     /// Agent's signature over `signing_bytes("ad/agent", body)`.
+    #[serde(with = "serde_bytes")]
     pub agent_sig: Vec<u8>,
     /// Node's signature over `signing_bytes("ad/node", body)`.
+    #[serde(with = "serde_bytes")]
     pub node_sig: Vec<u8>,
 }
 

@@ -38,15 +38,19 @@ pub enum Request {
     /// `sig` the sending node's signature over `digest_signing_bytes("deliver", payload)`.
     Deliver {
         /// Encoded `DeliverPayload`.
+        #[serde(with = "serde_bytes")]
         payload: Vec<u8>,
         /// Node signature.
+        #[serde(with = "serde_bytes")]
         sig: Vec<u8>,
     },
     /// A batch of receipts: `payload` is an encoded `ReceiptPayload`.
     Receipts {
         /// Encoded `ReceiptPayload`.
+        #[serde(with = "serde_bytes")]
         payload: Vec<u8>,
         /// Node signature over `digest_signing_bytes("receipts", payload)`.
+        #[serde(with = "serde_bytes")]
         sig: Vec<u8>,
     },
 }
