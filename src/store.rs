@@ -26,12 +26,13 @@ use redb::{
 };
 use tokio::sync::{mpsc, oneshot};
 
+mod migrate;
 pub mod tables;
 
 /// File name of the database inside the data dir.
 pub const DB_FILE: &str = "agentmesh.redb";
 /// The schema this build reads and writes.
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
 /// Queue length of the group committer (backpressure beyond it).
 const WRITE_QUEUE: usize = 16 * 1024;
 /// Most closures in one transaction.
@@ -325,7 +326,19 @@ fn check_schema(db: &Database, path: &Path) -> Result<(), OpenError> {
                         path: path.to_path_buf(),
                         reason: "schema version is not a u32".into(),
                     })?;
-                if found != SCHEMA_VERSION {
+                if found == 1 {
+                    // Same transaction as the version bump: all or nothing.
+                    let moved = migrate::v1_to_v2(&txn).map_err(|e| match e {
+                        Error::Corrupt { table, reason } => OpenError::Corrupt {
+                            path: path.to_path_buf(),
+                            reason: format!("upgrading table {table} from schema 1: {reason}"),
+                        },
+                        other => storage(redb::Error::Io(std::io::Error::other(other.to_string()))),
+                    })?;
+                    meta.insert(META_SCHEMA, SCHEMA_VERSION.to_le_bytes().as_slice())
+                        .map_err(|e| storage(e.into()))?;
+                    tracing::info!(path = %path.display(), messages = moved, "database upgraded from schema 1 to 2");
+                } else if found != SCHEMA_VERSION {
                     return Err(OpenError::UnknownSchema {
                         path: path.to_path_buf(),
                         found,

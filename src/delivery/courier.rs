@@ -4,6 +4,7 @@
 //! the moment it reconnects, and expires what outlives its TTL.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use libp2p::PeerId;
@@ -12,12 +13,14 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, warn};
 
-use super::queue::{Backoff, Item, Queues};
-use super::records::{self, Status, Tracking};
-use super::{Delivery, Error, Stats};
+use super::queue::{Backoff, Item, Outbound, Queues};
+use super::records::{self, Progress, Status};
+use super::{Delivery, Error, Stats, ids};
 use crate::store::tables::{OUT_MESSAGES, OUT_STATUS, OUTBOX, RECEIPTS_OUT};
 use crate::time::now_ms;
-use crate::wire::envelope::{DeliverPayload, MAX_BATCH_BYTES, MAX_BATCH_MESSAGES, ReceiptPayload};
+use crate::wire::envelope::{
+    DeliverPayloadRef, MAX_BATCH_BYTES, MAX_BATCH_MESSAGES, ReceiptPayload,
+};
 use crate::wire::{self, Envelope, Outcome, Receipt, Rejection, Request, Response};
 
 /// Command queue length.
@@ -250,36 +253,53 @@ fn dispatch(d: &Delivery, st: &mut State) {
     }
 }
 
-/// Read envelopes of a batch; ids whose message is gone or already final
+/// The messages of a batch; ids whose message is gone or already final
 /// are returned as answered.
-fn load_envelopes(d: &Delivery, items: &[Item]) -> Result<(Vec<Envelope>, Vec<String>), String> {
+fn load_outbound(
+    d: &Delivery,
+    items: &[Item],
+) -> Result<(Vec<Arc<Outbound>>, Vec<String>), String> {
+    let now = now_ms();
+    // Fresh from `send` and not past its TTL: nothing on disk can have made
+    // it final yet (a receipt needs a transmission first).
+    let fresh = |item: &Item| {
+        item.env
+            .as_ref()
+            .filter(|_| item.expires_at_ms > now)
+            .map(|c| c.outbound().clone())
+    };
+    if items.iter().all(|i| fresh(i).is_some()) {
+        return Ok((items.iter().filter_map(fresh).collect(), Vec::new()));
+    }
     let r = d.inner.store.read().map_err(|e| e.to_string())?;
     let msgs = r.open_table(OUT_MESSAGES).map_err(|e| e.to_string())?;
     let status = r.open_table(OUT_STATUS).map_err(|e| e.to_string())?;
-    let mut envs = Vec::with_capacity(items.len());
+    let mut outs = Vec::with_capacity(items.len());
     let mut gone = Vec::new();
-    let now = now_ms();
     for item in items {
-        // Fresh from `send` and not past its TTL: nothing on disk can have
-        // made it final yet (a receipt needs a transmission first).
-        if let Some(c) = item.env.as_ref().filter(|_| item.expires_at_ms > now) {
-            envs.push(c.envelope().clone());
+        if let Some(out) = fresh(item) {
+            outs.push(out);
             continue;
         }
-        let tracking: Option<Tracking> = status
-            .get(item.id.as_str())
-            .map_err(|e| e.to_string())?
-            .and_then(|v| records::decode("out_status", v.value()).ok());
-        let env: Option<Envelope> = msgs
-            .get(item.id.as_str())
-            .map_err(|e| e.to_string())?
-            .and_then(|v| records::decode("out_messages", v.value()).ok());
-        match (tracking, env) {
-            (Some(t), Some(e)) if !t.status.is_final() => envs.push(e),
-            _ => gone.push(item.id.clone()),
+        let stored = msgs.get(item.id.as_str()).map_err(|e| e.to_string())?;
+        let Some(Ok((_, raw))) = stored.as_ref().map(|v| records::split_outgoing(v.value())) else {
+            gone.push(item.id.clone());
+            continue;
+        };
+        let Ok(env) = records::decode::<Envelope>("out_messages", raw) else {
+            warn!(id = %item.id, "stored envelope does not decode; dropped from the outbox");
+            gone.push(item.id.clone());
+            continue;
+        };
+        let progress =
+            Progress::load(&status, &item.id, env.created_at_ms).map_err(|e| e.to_string())?;
+        if progress.status.is_final() {
+            gone.push(item.id.clone());
+        } else {
+            outs.push(Arc::new(Outbound::new(&env, raw.to_vec())));
         }
     }
-    Ok((envs, gone))
+    Ok((outs, gone))
 }
 
 async fn send_messages(
@@ -287,7 +307,7 @@ async fn send_messages(
     peer: PeerId,
     items: Vec<Item>,
 ) -> Result<Vec<String>, String> {
-    let (envs, mut answered) = load_envelopes(d, &items)?;
+    let (outs, mut answered) = load_outbound(d, &items)?;
     if !answered.is_empty() {
         // Already final (a receipt overtook us) or gone: drop from the outbox.
         let (node, ids) = (peer.to_string(), answered.clone());
@@ -304,22 +324,22 @@ async fn send_messages(
             .await
             .map_err(|e| e.to_string())?;
     }
-    if envs.is_empty() {
+    if outs.is_empty() {
         return Ok(answered);
     }
     let sent_at = now_ms();
     let outcomes = if peer == d.inner.node_id {
-        d.store_local(envs.clone()).await?
+        d.store_local(&outs).await?
     } else {
-        let result = request_delivery(d, peer, &envs).await;
+        let result = request_delivery(d, peer, &outs).await;
         if let Err(e) = &result {
-            note_failure(d, &envs, e).await;
-            refresh_addresses(d, peer, &envs).await;
+            note_failure(d, &outs, e).await;
+            refresh_addresses(d, peer, &outs).await;
         }
         result?
     };
     Stats::add(&d.inner.stats.batches_sent, 1);
-    answered.extend(envs.iter().map(|e| e.id.clone()));
+    answered.extend(outs.iter().map(|o| o.id.clone()));
     // The receiver has them: free the peer's queue for the next batch now
     // and record the outcomes alongside. Should that write fail, the
     // outbox rows remain and the messages go again (the receiver answers
@@ -327,21 +347,21 @@ async fn send_messages(
     let d2 = d.clone();
     tokio::spawn(
         async move {
-            let retry: Vec<(PeerId, Item)> = envs
+            let retry: Vec<(PeerId, Item)> = outs
                 .iter()
-                .map(|e| {
+                .map(|o| {
                     (
                         peer,
                         Item {
-                            id: e.id.clone(),
-                            expires_at_ms: e.expires_at_ms,
-                            size: e.body_json.len() as u64 + 256,
+                            id: o.id.clone(),
+                            expires_at_ms: o.expires_at_ms,
+                            size: o.bytes.len() as u64,
                             env: None,
                         },
                     )
                 })
                 .collect();
-            if let Err(e) = apply_outcomes(&d2, peer, envs, outcomes, sent_at).await {
+            if let Err(e) = apply_outcomes(&d2, peer, outs, outcomes, sent_at).await {
                 warn!(error = %e, "cannot record delivery outcomes; the batch will be sent again");
                 let _ = d2.inner.courier.send(Cmd::Enqueue(retry)).await;
             }
@@ -354,19 +374,23 @@ async fn send_messages(
 async fn request_delivery(
     d: &Delivery,
     peer: PeerId,
-    envs: &[Envelope],
+    outs: &[Arc<Outbound>],
 ) -> Result<Vec<Outcome>, String> {
-    let senders: HashSet<&crate::identity::AgentId> = envs.iter().map(|e| &e.from).collect();
-    let sender_ads = d.inner.discovery.with_registry(|r| {
+    let senders: HashSet<&crate::identity::AgentId> = outs.iter().map(|o| &o.from).collect();
+    let sender_ads: Vec<_> = d.inner.discovery.with_registry(|r| {
         senders
             .iter()
             .filter_map(|id| r.get(id).map(|e| e.ad.clone()))
             .collect()
     });
-    let payload = wire::encode(&DeliverPayload {
-        to_node: peer.to_string(),
-        sender_ads,
-        messages: envs.to_vec(),
+    let to_node = peer.to_string();
+    let payload = wire::encode(&DeliverPayloadRef {
+        to_node: &to_node,
+        sender_ads: &sender_ads,
+        messages: outs
+            .iter()
+            .map(|o| serde_bytes::Bytes::new(&o.bytes))
+            .collect(),
     });
     let sig = d
         .inner
@@ -380,11 +404,11 @@ async fn request_delivery(
         .await
         .map_err(|e| e.to_string())?;
     match wire::decode::<Response>(&bytes, wire::MAX_FRAME_BYTES).map_err(|e| e.to_string())? {
-        Response::Delivered(o) if o.len() == envs.len() => Ok(o),
+        Response::Delivered(o) if o.len() == outs.len() => Ok(o),
         Response::Delivered(o) => Err(format!(
             "peer answered {} outcomes for {} messages",
             o.len(),
-            envs.len()
+            outs.len()
         )),
         Response::Error { message } => Err(format!("peer refused the batch: {message}")),
         other => Err(format!("unexpected answer {other:?}")),
@@ -392,8 +416,11 @@ async fn request_delivery(
 }
 
 /// Record the attempt and its error on each message of a failed batch.
-async fn note_failure(d: &Delivery, envs: &[Envelope], error: &str) {
-    let ids: Vec<String> = envs.iter().map(|e| e.id.clone()).collect();
+async fn note_failure(d: &Delivery, outs: &[Arc<Outbound>], error: &str) {
+    let ids: Vec<(String, u64)> = outs
+        .iter()
+        .map(|o| (o.id.clone(), o.created_at_ms))
+        .collect();
     let error = error.to_string();
     // Lazy: attempt counts and errors are informational.
     let r = d
@@ -401,18 +428,15 @@ async fn note_failure(d: &Delivery, envs: &[Envelope], error: &str) {
         .store
         .write_lazy(move |txn| {
             let mut t = txn.open_table(OUT_STATUS)?;
-            for id in &ids {
-                let Some(mut tr) = t
-                    .get(id.as_str())?
-                    .map(|v| records::decode::<Tracking>("out_status", v.value()))
-                    .transpose()?
-                else {
+            for (id, created) in &ids {
+                let mut p = Progress::load(&t, id, *created)?;
+                if p.status.is_final() {
                     continue;
-                };
-                tr.attempts += 1;
-                tr.last_error = Some(error.clone());
-                tr.advance(Status::Sent, now_ms(), None);
-                t.insert(id.as_str(), wire::encode(&tr).as_slice())?;
+                }
+                p.attempts += 1;
+                p.last_error = Some(error.clone());
+                p.advance(Status::Sent, now_ms(), None);
+                t.insert(id.as_str(), wire::encode(&p).as_slice())?;
             }
             Ok(())
         })
@@ -424,8 +448,8 @@ async fn note_failure(d: &Delivery, envs: &[Envelope], error: &str) {
 
 /// After a failure, make sure the swarm knows the recipient node's current
 /// addresses: from the registry, else from the DHT.
-async fn refresh_addresses(d: &Delivery, peer: PeerId, envs: &[Envelope]) {
-    let Some(to) = envs.first().map(|e| e.to.clone()) else {
+async fn refresh_addresses(d: &Delivery, peer: PeerId, outs: &[Arc<Outbound>]) {
+    let Some(to) = outs.first().map(|o| o.to.clone()) else {
         return;
     };
     let known = d
@@ -451,7 +475,7 @@ async fn refresh_addresses(d: &Delivery, peer: PeerId, envs: &[Envelope]) {
 async fn apply_outcomes(
     d: &Delivery,
     peer: PeerId,
-    envs: Vec<Envelope>,
+    outs: Vec<Arc<Outbound>>,
     outcomes: Vec<Outcome>,
     sent_at: u64,
 ) -> Result<(), crate::store::Error> {
@@ -469,39 +493,34 @@ async fn apply_outcomes(
             let mut status = txn.open_table(OUT_STATUS)?;
             let mut outbox = txn.open_table(OUTBOX)?;
             let now = now_ms();
-            for (env, outcome) in envs.iter().zip(outcomes) {
-                outbox.remove((node.as_str(), env.id.as_str()))?;
-                let Some(mut tr) = status
-                    .get(env.id.as_str())?
-                    .map(|v| records::decode::<Tracking>("out_status", v.value()))
-                    .transpose()?
-                else {
+            for (out, outcome) in outs.iter().zip(outcomes) {
+                outbox.remove((node.as_str(), out.id.as_str()))?;
+                let mut p = Progress::load(&status, &out.id, out.created_at_ms)?;
+                if p.status.is_final() {
                     continue;
-                };
-                tr.attempts += 1;
-                tr.advance(Status::Sent, sent_at, None);
+                }
+                p.attempts += 1;
+                p.advance(Status::Sent, sent_at, None);
                 let _ = match outcome {
-                    Outcome::Stored | Outcome::Duplicate => {
-                        tr.advance(Status::Delivered, now, None)
-                    }
-                    Outcome::Rejected(Rejection::Expired) => tr.advance(
+                    Outcome::Stored | Outcome::Duplicate => p.advance(Status::Delivered, now, None),
+                    Outcome::Rejected(Rejection::Expired) => p.advance(
                         Status::Expired,
                         now,
                         Some("expired before it reached the recipient".into()),
                     ),
                     Outcome::Rejected(Rejection::Denied(why)) => {
-                        tr.advance(Status::Denied, now, Some(why))
+                        p.advance(Status::Denied, now, Some(why))
                     }
-                    Outcome::Rejected(Rejection::UnknownRecipient) => tr.advance(
+                    Outcome::Rejected(Rejection::UnknownRecipient) => p.advance(
                         Status::Failed,
                         now,
-                        Some(format!("agent {} is not registered on node {node}", env.to)),
+                        Some(format!("agent {} is not registered on node {node}", out.to)),
                     ),
                     Outcome::Rejected(Rejection::Invalid(why)) => {
-                        tr.advance(Status::Failed, now, Some(why))
+                        p.advance(Status::Failed, now, Some(why))
                     }
                 };
-                status.insert(env.id.as_str(), wire::encode(&tr).as_slice())?;
+                status.insert(out.id.as_str(), wire::encode(&p).as_slice())?;
             }
             Ok(())
         })
@@ -598,19 +617,15 @@ async fn expire(d: &Delivery, st: &mut State) {
             let mut outbox = txn.open_table(OUTBOX)?;
             for (peer, item) in &gone {
                 outbox.remove((peer.to_string().as_str(), item.id.as_str()))?;
-                let Some(mut tr) = status
-                    .get(item.id.as_str())?
-                    .map(|v| records::decode::<Tracking>("out_status", v.value()))
-                    .transpose()?
-                else {
-                    continue;
-                };
-                let detail = match &tr.last_error {
+                let created = ids::time_of(&item.id).unwrap_or(now);
+                let mut p = Progress::load(&status, &item.id, created)?;
+                let detail = match &p.last_error {
                     Some(e) => format!("TTL elapsed before delivery (last error: {e})"),
                     None => "TTL elapsed before delivery".to_string(),
                 };
-                tr.advance(Status::Expired, now, Some(detail));
-                status.insert(item.id.as_str(), wire::encode(&tr).as_slice())?;
+                if p.advance(Status::Expired, now, Some(detail)) {
+                    status.insert(item.id.as_str(), wire::encode(&p).as_slice())?;
+                }
             }
             Ok(())
         })

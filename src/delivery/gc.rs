@@ -6,7 +6,7 @@
 use redb::ReadableTable;
 use tracing::{debug, warn};
 
-use super::records::{self, InboxRecord, InboxState, Tracking};
+use super::records::{self, InboxRecord, InboxState, Progress};
 use super::{Delivery, Stats};
 use crate::store::tables::{
     IDEMPOTENCY, INBOX, INBOX_MESSAGES, OUT_MESSAGES, OUT_STATUS, RECEIPTS_OUT, REPLIES,
@@ -105,7 +105,7 @@ impl Delivery {
                     let mut old = Vec::new();
                     for row in status.iter()? {
                         let (k, v) = row?;
-                        let t: Tracking = records::decode("out_status", v.value())?;
+                        let t: Progress = records::decode("out_status", v.value())?;
                         if t.status.is_final() && t.updated_at_ms.saturating_add(retention) <= now {
                             old.push(k.value().to_string());
                         }

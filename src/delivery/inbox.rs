@@ -66,6 +66,28 @@ impl Inboxes {
     }
 }
 
+/// A message that passed the admission checks, ready to store.
+pub(crate) struct Arrival {
+    id: String,
+    to: AgentId,
+    reply_to: Option<String>,
+    expires_at_ms: u64,
+    /// Its wire encoding, stored as it is.
+    bytes: Vec<u8>,
+}
+
+impl Arrival {
+    fn new(env: Envelope, bytes: Vec<u8>) -> Self {
+        Arrival {
+            id: env.id,
+            to: env.to,
+            reply_to: env.reply_to,
+            expires_at_ms: env.expires_at_ms,
+            bytes,
+        }
+    }
+}
+
 /// What selection decided for one agent's poll.
 struct Selection {
     offer: Vec<String>,
@@ -154,21 +176,25 @@ impl Delivery {
         let checked = p
             .messages
             .into_iter()
-            .map(|env| {
+            .map(|raw| {
+                let raw = raw.into_vec();
+                let env: Envelope = wire::decode(&raw, MAX_BATCH_BYTES)
+                    .map_err(|e| Rejection::Invalid(format!("message does not decode: {e}")))?;
                 let node = hosted.get(&env.from).cloned().or_else(|| {
                     self.inner
                         .discovery
                         .with_registry(|r| r.get(&env.from).map(|e| e.ad.body.node_id.clone()))
                 });
-                let verdict = if node.as_deref() != Some(peer_str.as_str()) {
-                    Some(Rejection::Invalid(format!(
+                if node.as_deref() != Some(peer_str.as_str()) {
+                    return Err(Rejection::Invalid(format!(
                         "sender agent {} is not hosted by the sending node",
                         env.from
-                    )))
-                } else {
-                    self.check(&env, now)
-                };
-                (env, verdict)
+                    )));
+                }
+                match self.check(&env, now) {
+                    Some(r) => Err(r),
+                    None => Ok(Arrival::new(env, raw)),
+                }
             })
             .collect();
         self.store_checked(peer, checked)
@@ -178,13 +204,20 @@ impl Delivery {
 
     /// Messages between agents of this node: the same checks and storage,
     /// no network.
-    pub(crate) async fn store_local(&self, envs: Vec<Envelope>) -> Result<Vec<Outcome>, String> {
+    pub(crate) async fn store_local(
+        &self,
+        outs: &[Arc<super::queue::Outbound>],
+    ) -> Result<Vec<Outcome>, String> {
         let now = now_ms();
-        let checked = envs
-            .into_iter()
-            .map(|e| {
-                let v = self.check(&e, now);
-                (e, v)
+        let checked = outs
+            .iter()
+            .map(|o| {
+                let env: Envelope = wire::decode(&o.bytes, MAX_BATCH_BYTES)
+                    .map_err(|e| Rejection::Invalid(format!("message does not decode: {e}")))?;
+                match self.check(&env, now) {
+                    Some(r) => Err(r),
+                    None => Ok(Arrival::new(env, o.bytes.clone())),
+                }
             })
             .collect();
         self.store_checked(self.inner.node_id, checked)
@@ -223,7 +256,7 @@ impl Delivery {
     async fn store_checked(
         &self,
         from_node: PeerId,
-        checked: Vec<(Envelope, Option<Rejection>)>,
+        checked: Vec<Result<Arrival, Rejection>>,
     ) -> Result<Vec<Outcome>, crate::store::Error> {
         let node = from_node.to_string();
         let (outcomes, stored) = self
@@ -236,30 +269,39 @@ impl Delivery {
                 let now = now_ms();
                 let mut outcomes = Vec::with_capacity(checked.len());
                 let mut stored = Vec::new();
-                for (env, verdict) in checked {
-                    if let Some(r) = verdict {
-                        outcomes.push(Outcome::Rejected(r));
-                        continue;
-                    }
-                    let key = (env.to.as_str(), env.id.as_str());
-                    if inbox.get(key)?.is_some() {
-                        outcomes.push(Outcome::Duplicate);
-                        continue;
-                    }
+                for arrival in checked {
+                    let a = match arrival {
+                        Ok(a) => a,
+                        Err(r) => {
+                            outcomes.push(Outcome::Rejected(r));
+                            continue;
+                        }
+                    };
+                    let key = (a.to.as_str(), a.id.as_str());
                     let rec = InboxRecord {
                         from_node: node.clone(),
                         state: InboxState::Pending,
                         received_at_ms: now,
                         delivery_count: 0,
                         lease_until_ms: 0,
-                        expires_at_ms: env.expires_at_ms,
+                        expires_at_ms: a.expires_at_ms,
                     };
-                    inbox.insert(key, wire::encode(&rec).as_slice())?;
-                    messages.insert(key, wire::encode(&env).as_slice())?;
-                    if let Some(orig) = &env.reply_to {
-                        replies.insert((orig.as_str(), env.id.as_str()), ())?;
+                    // One lookup: insert, and should the id be there already
+                    // (a retry), put the earlier record back.
+                    let earlier = inbox
+                        .insert(key, wire::encode(&rec).as_slice())?
+                        .map(|v| v.value().to_vec());
+                    if let Some(earlier) = earlier {
+                        inbox.insert(key, earlier.as_slice())?;
+                        outcomes.push(Outcome::Duplicate);
+                        continue;
                     }
-                    stored.push((env.to.clone(), env.id.clone(), env.expires_at_ms));
+                    // The bytes as the sender encoded them (decoded and checked).
+                    messages.insert(key, a.bytes.as_slice())?;
+                    if let Some(orig) = &a.reply_to {
+                        replies.insert((orig.as_str(), a.id.as_str()), ())?;
+                    }
+                    stored.push((a.to, a.id, a.expires_at_ms));
                     outcomes.push(Outcome::Stored);
                 }
                 Ok((outcomes, stored))

@@ -14,10 +14,11 @@ use std::time::{Duration, Instant};
 
 use libp2p::PeerId;
 
+use crate::identity::AgentId;
 use crate::wire::Envelope;
 
 /// One queued item (a message or a receipt) by reference: its body is on
-/// disk, and a freshly sent message may carry its envelope in memory too.
+/// disk, and a freshly sent message may carry it in memory too.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Item {
     /// Message id.
@@ -26,19 +27,54 @@ pub struct Item {
     pub expires_at_ms: u64,
     /// Approximate encoded size, to bound batches.
     pub size: u64,
-    /// The envelope, when `send` could keep it in memory (within a byte
+    /// The message, when `send` could keep it in memory (within a byte
     /// budget) so the courier need not read it back from disk.
     pub env: Option<Cached>,
 }
 
-/// An envelope held in memory between its durable commit and its
+/// A message on its way out: what the courier needs to know about it, and
+/// its envelope encoded once, at `send`, exactly as it goes on the wire.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outbound {
+    /// Message id.
+    pub id: String,
+    /// Sending agent.
+    pub from: AgentId,
+    /// Receiving agent.
+    pub to: AgentId,
+    /// Created, ms.
+    pub created_at_ms: u64,
+    /// Expiry, ms.
+    pub expires_at_ms: u64,
+    /// Body length, bytes.
+    pub body_len: usize,
+    /// The wire encoding of the envelope.
+    pub bytes: Vec<u8>,
+}
+
+impl Outbound {
+    /// `env` and its wire encoding.
+    pub fn new(env: &Envelope, bytes: Vec<u8>) -> Self {
+        Outbound {
+            id: env.id.clone(),
+            from: env.from.clone(),
+            to: env.to.clone(),
+            created_at_ms: env.created_at_ms,
+            expires_at_ms: env.expires_at_ms,
+            body_len: env.body_json.len(),
+            bytes,
+        }
+    }
+}
+
+/// A message held in memory between its durable commit and its
 /// transmission. Every `Cached` alive counts against a shared byte budget;
 /// dropping the last clone gives its bytes back.
 #[derive(Clone)]
 pub struct Cached(Arc<CachedInner>);
 
 struct CachedInner {
-    env: Envelope,
+    out: Arc<Outbound>,
     bytes: usize,
     budget: Arc<AtomicUsize>,
 }
@@ -50,30 +86,30 @@ impl Drop for CachedInner {
 }
 
 impl Cached {
-    /// Keep `env` in memory if `budget` (bytes in use) stays within `limit`.
-    pub fn try_new(env: Envelope, budget: &Arc<AtomicUsize>, limit: usize) -> Option<Cached> {
-        let bytes = env.body_json.len() + 512;
+    /// Keep `out` in memory if `budget` (bytes in use) stays within `limit`.
+    pub fn try_new(out: Arc<Outbound>, budget: &Arc<AtomicUsize>, limit: usize) -> Option<Cached> {
+        let bytes = out.bytes.len() + 256;
         let before = budget.fetch_add(bytes, Ordering::Relaxed);
         if before + bytes > limit {
             budget.fetch_sub(bytes, Ordering::Relaxed);
             return None;
         }
         Some(Cached(Arc::new(CachedInner {
-            env,
+            out,
             bytes,
             budget: budget.clone(),
         })))
     }
 
-    /// The envelope.
-    pub fn envelope(&self) -> &Envelope {
-        &self.0.env
+    /// The message.
+    pub fn outbound(&self) -> &Arc<Outbound> {
+        &self.0.out
     }
 }
 
 impl std::fmt::Debug for Cached {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_tuple("Cached").field(&self.0.env.id).finish()
+        f.debug_tuple("Cached").field(&self.0.out.id).finish()
     }
 }
 

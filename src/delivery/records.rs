@@ -80,7 +80,8 @@ pub struct HistoryEntry {
     pub detail: Option<String>,
 }
 
-/// Sender-side tracking of one message.
+/// Sender-side tracking of one message, as queries show it: where it went
+/// (from its `OUT_MESSAGES` record) and how far it got (its `Progress`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Tracking {
     /// Recipient agent.
@@ -108,24 +109,71 @@ pub struct Tracking {
 }
 
 impl Tracking {
-    /// A freshly queued message.
-    pub fn queued(env: &Envelope, to_handle: &str, to_node: &str) -> Self {
+    /// Put together the stored parts of a sent message.
+    pub fn from_parts(env: &Envelope, head: OutHead, progress: Option<Progress>) -> Self {
+        let p = progress.unwrap_or_else(|| Progress::queued(env.created_at_ms));
         Tracking {
             to: env.to.clone(),
-            to_handle: to_handle.to_string(),
-            to_node: to_node.to_string(),
+            to_handle: head.to_handle,
+            to_node: head.to_node,
+            status: p.status,
+            attempts: p.attempts,
+            created_at_ms: env.created_at_ms,
+            updated_at_ms: p.updated_at_ms,
+            expires_at_ms: env.expires_at_ms,
+            history: p.history,
+            last_error: p.last_error,
+            result_json: p.result_json,
+        }
+    }
+}
+
+/// How far a sent message got (`OUT_STATUS`). A message without one is
+/// queued: `send` writes none, so the hot path commits one record less per
+/// message; the first step past `queued` writes it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Progress {
+    /// Current status.
+    pub status: Status,
+    /// Send attempts so far.
+    pub attempts: u32,
+    /// Last change, ms.
+    pub updated_at_ms: u64,
+    /// Steps so far.
+    pub history: Vec<HistoryEntry>,
+    /// Latest send error while retrying.
+    pub last_error: Option<String>,
+    /// The recipient's `result`, as JSON text.
+    pub result_json: Option<String>,
+}
+
+impl Progress {
+    /// A message queued at `created_at_ms` and not yet tried.
+    pub fn queued(created_at_ms: u64) -> Self {
+        Progress {
             status: Status::Queued,
             attempts: 0,
-            created_at_ms: env.created_at_ms,
-            updated_at_ms: env.created_at_ms,
-            expires_at_ms: env.expires_at_ms,
+            updated_at_ms: created_at_ms,
             history: vec![HistoryEntry {
                 status: Status::Queued,
-                at_ms: env.created_at_ms,
+                at_ms: created_at_ms,
                 detail: None,
             }],
             last_error: None,
             result_json: None,
+        }
+    }
+
+    /// The stored progress of message `id` (queued at `created_at_ms`
+    /// when none is stored yet).
+    pub fn load<T: redb::ReadableTable<&'static str, &'static [u8]>>(
+        table: &T,
+        id: &str,
+        created_at_ms: u64,
+    ) -> Result<Self, store::Error> {
+        match table.get(id)? {
+            Some(v) => decode("out_status", v.value()),
+            None => Ok(Progress::queued(created_at_ms)),
         }
     }
 
@@ -148,6 +196,50 @@ impl Tracking {
         });
         true
     }
+}
+
+/// Where a sent message went, stored in front of its envelope in
+/// `OUT_MESSAGES` so that checks (whose receipt is this?) read it without
+/// decoding the envelope.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutHead {
+    /// The recipient's handle when sent.
+    pub to_handle: String,
+    /// The recipient's node.
+    pub to_node: String,
+}
+
+/// An `OUT_MESSAGES` value: a 4-byte little-endian length, the encoded
+/// `OutHead`, then the envelope exactly as it goes on the wire.
+pub fn encode_outgoing(head: &OutHead, envelope: &[u8]) -> Vec<u8> {
+    let head = wire::encode(head);
+    let mut out = Vec::with_capacity(4 + head.len() + envelope.len());
+    out.extend_from_slice(&(head.len() as u32).to_le_bytes());
+    out.extend_from_slice(&head);
+    out.extend_from_slice(envelope);
+    out
+}
+
+/// Split an `OUT_MESSAGES` value into its head and the encoded envelope.
+pub fn split_outgoing(value: &[u8]) -> Result<(OutHead, &[u8]), store::Error> {
+    let corrupt = |reason: String| store::Error::Corrupt {
+        table: "out_messages",
+        reason,
+    };
+    let len = value
+        .get(..4)
+        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
+        .ok_or_else(|| corrupt("record shorter than its length prefix".into()))?;
+    let head = value
+        .get(4..4 + len)
+        .ok_or_else(|| corrupt(format!("head of {len} bytes runs past the record")))?;
+    Ok((decode("out_messages", head)?, &value[4 + len..]))
+}
+
+/// Split an `OUT_MESSAGES` value and decode its envelope too.
+pub fn decode_outgoing(value: &[u8]) -> Result<(OutHead, Envelope), store::Error> {
+    let (head, env) = split_outgoing(value)?;
+    Ok((head, decode("out_messages", env)?))
 }
 
 /// State of an inbox entry.
@@ -204,7 +296,47 @@ pub fn decode<T: DeserializeOwned>(table: &'static str, bytes: &[u8]) -> Result<
 mod tests {
     use super::*;
 
-    fn t() -> Tracking {
+    fn p() -> Progress {
+        Progress::queued(1)
+    }
+
+    #[test]
+    fn status_only_moves_forward() {
+        let mut t = p();
+        assert!(t.advance(Status::Sent, 2, None));
+        assert!(t.advance(Status::Delivered, 3, None));
+        assert!(!t.advance(Status::Sent, 4, None), "no going back");
+        assert!(t.advance(Status::Processed, 5, None));
+        assert!(!t.advance(Status::Expired, 6, None), "final stays final");
+        assert_eq!(t.history.len(), 4);
+        assert_eq!(t.status, Status::Processed);
+    }
+
+    #[test]
+    fn receipt_may_overtake_the_delivery_answer() {
+        let mut t = p();
+        assert!(t.advance(Status::Processed, 5, None));
+        assert!(!t.advance(Status::Delivered, 4, None));
+        assert_eq!(t.status, Status::Processed);
+    }
+
+    #[test]
+    fn history_is_bounded() {
+        let mut t = p();
+        for i in 0..100 {
+            t.status = Status::Queued;
+            t.advance(Status::Sent, i, None);
+        }
+        assert!(t.history.len() <= MAX_HISTORY);
+        assert_eq!(
+            t.history[0].status,
+            Status::Queued,
+            "the first entry is kept"
+        );
+    }
+
+    #[test]
+    fn outgoing_record_splits_into_head_and_envelope() {
         let k = crate::identity::generate_key().unwrap();
         let id = AgentId::from_public(&k.verifying_key().to_bytes());
         let env = Envelope {
@@ -220,41 +352,21 @@ mod tests {
             trace_id: "x".into(),
             delegation_json: None,
         };
-        Tracking::queued(&env, "b", "node")
-    }
-
-    #[test]
-    fn status_only_moves_forward() {
-        let mut t = t();
-        assert!(t.advance(Status::Sent, 2, None));
-        assert!(t.advance(Status::Delivered, 3, None));
-        assert!(!t.advance(Status::Sent, 4, None), "no going back");
-        assert!(t.advance(Status::Processed, 5, None));
-        assert!(!t.advance(Status::Expired, 6, None), "final stays final");
-        assert_eq!(t.history.len(), 4);
-        assert_eq!(t.status, Status::Processed);
-    }
-
-    #[test]
-    fn receipt_may_overtake_the_delivery_answer() {
-        let mut t = t();
-        assert!(t.advance(Status::Processed, 5, None));
-        assert!(!t.advance(Status::Delivered, 4, None));
-        assert_eq!(t.status, Status::Processed);
-    }
-
-    #[test]
-    fn history_is_bounded() {
-        let mut t = t();
-        for i in 0..100 {
-            t.status = Status::Queued;
-            t.advance(Status::Sent, i, None);
+        let head = OutHead {
+            to_handle: "bob".into(),
+            to_node: "node".into(),
+        };
+        let bytes = wire::encode(&env);
+        let rec = encode_outgoing(&head, &bytes);
+        let (h, raw) = split_outgoing(&rec).unwrap();
+        assert_eq!((h, raw), (head.clone(), bytes.as_slice()));
+        assert_eq!(decode_outgoing(&rec).unwrap(), (head.clone(), env.clone()));
+        let t = Tracking::from_parts(&env, head, None);
+        assert_eq!((t.status, t.history.len()), (Status::Queued, 1));
+        // Damaged records are errors naming the table, never panics.
+        for bad in [&rec[..2], &rec[..6], &[255, 255, 255, 255, 0][..]] {
+            let err = split_outgoing(bad).unwrap_err();
+            assert!(err.to_string().contains("out_messages"), "{err}");
         }
-        assert!(t.history.len() <= MAX_HISTORY);
-        assert_eq!(
-            t.history[0].status,
-            Status::Queued,
-            "the first entry is kept"
-        );
     }
 }

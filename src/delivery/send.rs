@@ -6,16 +6,18 @@ use std::time::Duration;
 use libp2p::PeerId;
 use redb::ReadableTable;
 
-use super::queue::{Cached, Item};
+use std::sync::Arc;
+
+use super::queue::{Cached, Item, Outbound};
 
 /// Most bytes of envelopes held in memory between their commit and their
 /// first transmission (beyond it the courier reads them from disk).
 const CACHED_BYTES_LIMIT: usize = 16 * 1024 * 1024;
-use super::records::{self, IdemRecord, Tracking};
+use super::records::{self, IdemRecord, OutHead};
 use super::{Delivery, Error, MAX_TTL_SECS, Stats, courier, ids};
 use crate::identity::AgentId;
 use crate::routing::{Address, Recipient};
-use crate::store::tables::{IDEMPOTENCY, OUT_MESSAGES, OUT_STATUS, OUTBOX, REPLIES};
+use crate::store::tables::{IDEMPOTENCY, OUT_MESSAGES, OUTBOX, REPLIES};
 use crate::time::now_ms;
 use crate::wire::{self, Envelope};
 
@@ -113,7 +115,7 @@ impl Delivery {
         );
         let recipients = self.inner.router.resolve(&req.to).await?;
         let expires = now + ttl.as_millis() as u64;
-        let mut prepared: Vec<(Envelope, Tracking, Recipient)> =
+        let mut prepared: Vec<(Envelope, OutHead, Recipient)> =
             Vec::with_capacity(recipients.len());
         for r in recipients {
             let id = self.inner.ids.next(now);
@@ -130,8 +132,11 @@ impl Delivery {
                 expires_at_ms: expires,
                 delegation_json: req.delegation_json.clone(),
             };
-            let tracking = Tracking::queued(&env, &r.handle, &r.node_id.to_string());
-            prepared.push((env, tracking, r));
+            let head = OutHead {
+                to_handle: r.handle.clone(),
+                to_node: r.node_id.to_string(),
+            };
+            prepared.push((env, head, r));
         }
         let idem = req.idempotency_key.clone().map(|k| {
             (
@@ -146,8 +151,22 @@ impl Delivery {
                 },
             )
         });
-        let (rows, routes): (Vec<(Envelope, Tracking)>, Vec<Recipient>) =
-            prepared.into_iter().map(|(e, t, r)| ((e, t), r)).unzip();
+        // Each envelope is encoded once, here: the same bytes are committed
+        // and sent, and the receiver stores them as they arrive.
+        let rows: Vec<(Outbound, Vec<u8>)> = prepared
+            .iter()
+            .map(|(env, head, _)| {
+                let bytes = wire::encode(env);
+                let record = records::encode_outgoing(head, &bytes);
+                (Outbound::new(env, bytes), record)
+            })
+            .collect();
+        let replies: Vec<(String, String)> = prepared
+            .iter()
+            .filter_map(|(env, _, _)| env.reply_to.clone().map(|orig| (orig, env.id.clone())))
+            .collect();
+        let to_nodes: Vec<String> = prepared.iter().map(|(_, h, _)| h.to_node.clone()).collect();
+        let routes: Vec<Recipient> = prepared.into_iter().map(|(_, _, r)| r).collect();
         let from_id = req.from.clone();
         // The rows go into the writer and come back with its answer.
         let written = self
@@ -168,20 +187,20 @@ impl Delivery {
                         wire::encode(rec).as_slice(),
                     )?;
                 }
+                // No `OUT_STATUS` row yet: a message without one is queued.
                 let mut msgs = txn.open_table(OUT_MESSAGES)?;
-                let mut status = txn.open_table(OUT_STATUS)?;
                 let mut outbox = txn.open_table(OUTBOX)?;
-                let mut replies = txn.open_table(REPLIES)?;
-                for (env, tr) in &rows {
-                    let bytes = wire::encode(env);
-                    msgs.insert(env.id.as_str(), bytes.as_slice())?;
-                    status.insert(env.id.as_str(), wire::encode(tr).as_slice())?;
+                for ((out, record), r) in rows.iter().zip(&to_nodes) {
+                    msgs.insert(out.id.as_str(), record.as_slice())?;
                     outbox.insert(
-                        (tr.to_node.as_str(), env.id.as_str()),
-                        (env.expires_at_ms, bytes.len() as u64),
+                        (r.as_str(), out.id.as_str()),
+                        (out.expires_at_ms, out.bytes.len() as u64),
                     )?;
-                    if let Some(orig) = &env.reply_to {
-                        replies.insert((orig.as_str(), env.id.as_str()), ())?;
+                }
+                if !replies.is_empty() {
+                    let mut t = txn.open_table(REPLIES)?;
+                    for (orig, id) in &replies {
+                        t.insert((orig.as_str(), id.as_str()), ())?;
                     }
                 }
                 Ok(Ok(rows))
@@ -200,14 +219,14 @@ impl Delivery {
         Stats::add(&self.inner.stats.queued, rows.len());
         let mut items: Vec<(PeerId, Item)> = Vec::with_capacity(rows.len());
         let mut messages = Vec::with_capacity(rows.len());
-        for ((env, _), r) in rows.into_iter().zip(&routes) {
+        for ((out, _), r) in rows.into_iter().zip(&routes) {
             if r.node_id != self.inner.node_id {
                 self.teach_addresses(r).await;
             }
-            messages.push((env.id.clone(), env.to.clone()));
-            let (id, expires_at_ms) = (env.id.clone(), env.expires_at_ms);
-            let size = env.body_json.len() as u64 + 256;
-            let env = Cached::try_new(env, &self.inner.cached_bytes, CACHED_BYTES_LIMIT);
+            messages.push((out.id.clone(), out.to.clone()));
+            let (id, expires_at_ms) = (out.id.clone(), out.expires_at_ms);
+            let size = out.bytes.len() as u64;
+            let env = Cached::try_new(Arc::new(out), &self.inner.cached_bytes, CACHED_BYTES_LIMIT);
             items.push((
                 r.node_id,
                 Item {

@@ -4,8 +4,8 @@ use libp2p::PeerId;
 use redb::ReadableTable;
 use tracing::debug;
 
-use super::records::{self, HistoryEntry, Status, Tracking};
-use super::{Delivery, Error, Stats, verify_node_sig};
+use super::records::{self, HistoryEntry, Progress, Status, Tracking};
+use super::{Delivery, Error, Stats, ids, verify_node_sig};
 use crate::store::tables::{OUT_MESSAGES, OUT_STATUS, OUTBOX, REPLIES};
 use crate::time::now_ms;
 use crate::wire::envelope::ReceiptPayload;
@@ -33,11 +33,16 @@ impl Delivery {
         let status = r
             .open_table(OUT_STATUS)
             .map_err(crate::store::Error::from)?;
-        let (Some(env), Some(tr)) = (msgs.get(id).map_err(e)?, status.get(id).map_err(e)?) else {
+        let Some(stored) = msgs.get(id).map_err(e)? else {
             return Err(Error::UnknownMessage(id.to_string()));
         };
-        let envelope: Envelope = records::decode("out_messages", env.value())?;
-        let tracking: Tracking = records::decode("out_status", tr.value())?;
+        let (head, envelope) = records::decode_outgoing(stored.value())?;
+        let progress: Option<Progress> = status
+            .get(id)
+            .map_err(e)?
+            .map(|v| records::decode("out_status", v.value()))
+            .transpose()?;
+        let tracking = Tracking::from_parts(&envelope, head, progress);
         Ok(MessageView {
             envelope,
             tracking,
@@ -94,43 +99,45 @@ impl Delivery {
             .inner
             .store
             .write(move |txn| {
+                let msgs = txn.open_table(OUT_MESSAGES)?;
                 let mut status = txn.open_table(OUT_STATUS)?;
                 let mut outbox = txn.open_table(OUTBOX)?;
                 let mut applied = 0usize;
                 for rc in receipts {
-                    let Some(mut tr) = status
-                        .get(rc.message_id.as_str())?
-                        .map(|v| records::decode::<Tracking>("out_status", v.value()))
-                        .transpose()?
-                    else {
+                    let id = rc.message_id.as_str();
+                    let Some(stored) = msgs.get(id)? else {
                         continue;
                     };
-                    if tr.to_node != node {
-                        debug!(id = %rc.message_id, from = %node, "receipt from a node the message was not sent to; ignored");
+                    let (head, _) = records::split_outgoing(stored.value())?;
+                    drop(stored);
+                    if head.to_node != node {
+                        debug!(%id, from = %node, "receipt from a node the message was not sent to; ignored");
                         continue;
                     }
+                    let created = ids::time_of(id).unwrap_or(0);
+                    let mut p = Progress::load(&status, id, created)?;
                     let at = rc.at_ms.min(now_ms());
                     let changed = match rc.kind {
                         ReceiptKind::Processed { result_json } => {
-                            let moved = tr.advance(Status::Processed, at, None);
+                            let moved = p.advance(Status::Processed, at, None);
                             if moved {
-                                tr.result_json = result_json;
+                                p.result_json = result_json;
                             }
                             moved
                         }
-                        ReceiptKind::DeadLetter { deliveries } => tr.advance(
+                        ReceiptKind::DeadLetter { deliveries } => p.advance(
                             Status::DeadLetter,
                             at,
                             Some(format!("offered {deliveries} times without an ack")),
                         ),
                         ReceiptKind::Expired => {
-                            tr.advance(Status::Expired, at, Some("expired in the recipient's inbox".into()))
+                            p.advance(Status::Expired, at, Some("expired in the recipient's inbox".into()))
                         }
                     };
                     if changed {
-                        ensure_delivered_step(&mut tr.history);
-                        status.insert(rc.message_id.as_str(), wire::encode(&tr).as_slice())?;
-                        outbox.remove((node.as_str(), rc.message_id.as_str()))?;
+                        ensure_delivered_step(&mut p.history);
+                        status.insert(id, wire::encode(&p).as_slice())?;
+                        outbox.remove((node.as_str(), id))?;
                         applied += 1;
                     }
                 }

@@ -46,15 +46,29 @@ pub struct Envelope {
     pub delegation_json: Option<String>,
 }
 
-/// The signed content of a delivery batch.
+/// The signed content of a delivery batch, as the receiver decodes it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeliverPayload {
     /// The receiving node (PeerId string): a batch is only valid there.
     pub to_node: String,
     /// Current ads of the agents that sent these messages.
     pub sender_ads: Vec<SignedAd>,
-    /// The messages, in send order.
-    pub messages: Vec<Envelope>,
+    /// The messages, in send order: each the wire encoding of an
+    /// `Envelope`, as the sender committed it (the receiver stores these
+    /// bytes as they are, after decoding and checking them).
+    pub messages: Vec<serde_bytes::ByteBuf>,
+}
+
+/// The same payload as the sender encodes it, borrowing what it sends:
+/// encodes byte for byte like `DeliverPayload`.
+#[derive(Debug, Serialize)]
+pub struct DeliverPayloadRef<'a> {
+    /// See `DeliverPayload::to_node`.
+    pub to_node: &'a str,
+    /// See `DeliverPayload::sender_ads`.
+    pub sender_ads: &'a [SignedAd],
+    /// See `DeliverPayload::messages`.
+    pub messages: Vec<&'a serde_bytes::Bytes>,
 }
 
 /// What the receiver did with one message.
