@@ -138,6 +138,8 @@ struct Job {
 pub struct WriteStats {
     /// Transactions committed.
     pub commits: AtomicU64,
+    /// Of those, the ones fsynced (some write in them asked for durability).
+    pub durable_commits: AtomicU64,
     /// Closures applied.
     pub writes: AtomicU64,
     /// Nanoseconds spent running closures (building transactions).
@@ -364,6 +366,9 @@ fn writer_loop(db: Arc<Database>, mut rx: mpsc::Receiver<Job>, stats: Arc<WriteS
             }
         }
         let n = batch.len() as u64;
+        if batch.iter().any(|j| j.durable) {
+            stats.durable_commits.fetch_add(1, Ordering::Relaxed);
+        }
         run_batch(&db, &mut batch, &stats);
         stats.commits.fetch_add(1, Ordering::Relaxed);
         stats.writes.fetch_add(n, Ordering::Relaxed);

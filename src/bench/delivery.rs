@@ -273,9 +273,12 @@ async fn throughput(o: &Opts, pair: &Pair) -> Result<serde_json::Value, Error> {
     let acked0 = load(&b.delivery().stats().acked);
     let commits0 = load(&a.store().stats().commits) + load(&b.store().stats().commits);
     let busy = |h: &NodeHandle| {
+        let s = h.store().stats();
         (
-            load(&h.store().stats().apply_ns),
-            load(&h.store().stats().commit_ns),
+            load(&s.apply_ns),
+            load(&s.commit_ns),
+            load(&s.commits),
+            load(&s.durable_commits),
         )
     };
     let (busy_a0, busy_b0) = (busy(&a), busy(&b));
@@ -336,12 +339,15 @@ async fn throughput(o: &Opts, pair: &Pair) -> Result<serde_json::Value, Error> {
     send_lat.sort();
     let stored_at = stored_at.unwrap_or(processed);
     let (busy_a, busy_b) = (busy(&a), busy(&b));
-    for (name, (ap, cm), (ap0, cm0)) in [("sender", busy_a, busy_a0), ("receiver", busy_b, busy_b0)]
+    for (name, (ap, cm, c, dc), (ap0, cm0, c0, dc0)) in
+        [("sender", busy_a, busy_a0), ("receiver", busy_b, busy_b0)]
     {
         println!(
-            "  {name} store thread: {:.2} s building transactions, {:.2} s committing",
+            "  {name} store thread: {:.2} s building transactions, {:.2} s committing; {} commits, {} of them fsynced",
             (ap - ap0) as f64 / 1e9,
-            (cm - cm0) as f64 / 1e9
+            (cm - cm0) as f64 / 1e9,
+            c - c0,
+            dc - dc0
         );
     }
     let rate = |d: Duration| o.messages as f64 / d.as_secs_f64();
