@@ -75,6 +75,9 @@ pub struct Recipient {
     pub handle: String,
     /// The node hosting it.
     pub node_id: PeerId,
+    /// The same, as text (the ad's verified `node_id`; saves formatting
+    /// the PeerId on every message).
+    pub node_name: String,
     /// Where that node can be dialled.
     pub addrs: Vec<Multiaddr>,
 }
@@ -86,6 +89,7 @@ impl Recipient {
             agent_id: b.agent_id.clone(),
             handle: b.handle.clone(),
             node_id: e.node?,
+            node_name: b.node_id.clone(),
             addrs: e.addrs.clone(),
         })
     }

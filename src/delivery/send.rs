@@ -134,7 +134,7 @@ impl Delivery {
             };
             let head = OutHead {
                 to_handle: r.handle.clone(),
-                to_node: r.node_id.to_string(),
+                to_node: r.node_name.clone(),
             };
             prepared.push((env, head, r));
         }
