@@ -234,6 +234,28 @@ impl Store {
         self.submit(false, f).await
     }
 
+    /// `write_lazy` without waiting for the commit: returns once the write
+    /// is queued. Writes are applied in the order they are queued, so a
+    /// later write from the same task sees this one. A failure is logged by
+    /// the writer; there is nobody to tell.
+    pub async fn write_detached<F>(&self, f: F) -> Result<(), Error>
+    where
+        F: FnOnce(&WriteTransaction) -> Result<(), Error> + Send + 'static,
+    {
+        let run: JobFn = Box::new(move |txn| {
+            let failed = txn.and_then(f).err();
+            let done: Done = Box::new(|_| {});
+            (done, failed)
+        });
+        self.jobs
+            .send(Job {
+                durable: false,
+                run,
+            })
+            .await
+            .map_err(|_| Error::Closed)
+    }
+
     /// `write` when `durable`, else `write_lazy`.
     pub async fn submit<R, F>(&self, durable: bool, f: F) -> Result<R, Error>
     where

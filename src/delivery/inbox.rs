@@ -40,6 +40,7 @@ struct Slot {
     lease_until_ms: u64,
     delivery_count: u32,
     expires_at_ms: u64,
+    received_at_ms: u64,
 }
 
 #[derive(Debug, Default)]
@@ -90,7 +91,8 @@ impl Arrival {
 
 /// What selection decided for one agent's poll.
 struct Selection {
-    offer: Vec<String>,
+    /// Leased now, with the lease and count already applied.
+    offer: Vec<(String, Slot)>,
     dead: Vec<String>,
     expired: Vec<String>,
 }
@@ -118,6 +120,7 @@ impl Delivery {
                     lease_until_ms: rec.lease_until_ms,
                     delivery_count: rec.delivery_count,
                     expires_at_ms: rec.expires_at_ms,
+                    received_at_ms: rec.received_at_ms,
                 },
             );
         }
@@ -301,7 +304,7 @@ impl Delivery {
                     if let Some(orig) = &a.reply_to {
                         replies.insert((orig.as_str(), a.id.as_str()), ())?;
                     }
-                    stored.push((a.to, a.id, a.expires_at_ms));
+                    stored.push((a.to, a.id, a.expires_at_ms, now));
                     outcomes.push(Outcome::Stored);
                 }
                 Ok((outcomes, stored))
@@ -326,7 +329,7 @@ impl Delivery {
         let mut wake = Vec::new();
         {
             let mut boxes = self.inner.inboxes.lock();
-            for (agent, id, expires_at_ms) in stored {
+            for (agent, id, expires_at_ms, received_at_ms) in stored {
                 let b = boxes.entry(agent).or_default();
                 b.pending.insert(
                     id,
@@ -334,6 +337,7 @@ impl Delivery {
                         lease_until_ms: 0,
                         delivery_count: 0,
                         expires_at_ms,
+                        received_at_ms,
                     },
                 );
                 wake.push(b.notify.clone());
@@ -371,7 +375,7 @@ impl Delivery {
             } else {
                 slot.lease_until_ms = now + lease;
                 slot.delivery_count += 1;
-                sel.offer.push(id.clone());
+                sel.offer.push((id.clone(), *slot));
             }
         }
         for id in sel.dead.iter().chain(&sel.expired) {
@@ -380,10 +384,10 @@ impl Delivery {
         sel
     }
 
-    fn unselect(&self, agent: &AgentId, ids: &[String]) {
+    fn unselect(&self, agent: &AgentId, offered: &[(String, Slot)]) {
         let mut boxes = self.inner.inboxes.lock();
         if let Some(b) = boxes.get_mut(agent) {
-            for id in ids {
+            for (id, _) in offered {
                 if let Some(s) = b.pending.get_mut(id) {
                     s.lease_until_ms = 0;
                     s.delivery_count = s.delivery_count.saturating_sub(1);
@@ -402,27 +406,16 @@ impl Delivery {
         if sel.offer.is_empty() && sel.dead.is_empty() && sel.expired.is_empty() {
             return Ok(Vec::new());
         }
-        let lease_until = now + self.inner.cfg.lease.as_millis() as u64;
         let a = agent.clone();
-        let offer = sel.offer.clone();
-        let (dead, expired) = (sel.dead.clone(), sel.expired.clone());
-        // A plain lease is written lazily (no fsync before the agent gets the
-        // message): the next durable commit, at the latest the agent's ack,
-        // persists it. A crash before that loses the lease, so the message is
-        // offered again without this offer counted, which is what an unacked
-        // message gets anyway. Dead letters and expiries queue receipts, and
-        // those must not outrun the state they report: durable.
-        let durable = !dead.is_empty() || !expired.is_empty();
-        let result = self
-            .inner
-            .store
-            .submit(durable, move |txn| {
+        let leases: Vec<(String, u32, u64)> = sel
+            .offer
+            .iter()
+            .map(|(id, s)| (id.clone(), s.delivery_count, s.lease_until_ms))
+            .collect();
+        let persist_leases =
+            move |txn: &redb::WriteTransaction| -> Result<(), crate::store::Error> {
                 let mut inbox = txn.open_table(INBOX)?;
-                let mut messages = txn.open_table(INBOX_MESSAGES)?;
-                let mut receipts = txn.open_table(RECEIPTS_OUT)?;
-                let mut out = Vec::with_capacity(offer.len());
-                let mut queued = Vec::new();
-                for id in &offer {
+                for (id, count, until) in &leases {
                     let Some(mut rec) = inbox
                         .get((a.as_str(), id.as_str()))?
                         .map(|v| records::decode::<InboxRecord>("inbox", v.value()))
@@ -433,11 +426,38 @@ impl Delivery {
                     if rec.state != InboxState::Pending {
                         continue;
                     }
-                    rec.delivery_count += 1;
-                    rec.lease_until_ms = lease_until;
+                    rec.delivery_count = *count;
+                    rec.lease_until_ms = *until;
                     inbox.insert((a.as_str(), id.as_str()), wire::encode(&rec).as_slice())?;
-                    out.push((id.clone(), rec.received_at_ms, rec.delivery_count));
                 }
+                Ok(())
+            };
+        if sel.dead.is_empty() && sel.expired.is_empty() {
+            // A plain lease is written lazily and not waited for: the agent
+            // gets its messages without a trip through the writer. Writes
+            // apply in order, so the agent's ack (durable) persists the
+            // lease too; a crash before any durable commit loses it, and the
+            // message is offered again without this offer counted, which is
+            // what an unacked message gets anyway.
+            if let Err(e) = self.inner.store.write_detached(persist_leases).await {
+                self.unselect(agent, &sel.offer);
+                return Err(e.into());
+            }
+            return self.read_envelopes(agent, sel.offer);
+        }
+        // Dead letters and expiries queue receipts, and those must not
+        // outrun the state they report: durable, and waited for.
+        let a = agent.clone();
+        let (dead, expired) = (sel.dead.clone(), sel.expired.clone());
+        let result = self
+            .inner
+            .store
+            .write(move |txn| {
+                persist_leases(txn)?;
+                let mut inbox = txn.open_table(INBOX)?;
+                let mut messages = txn.open_table(INBOX_MESSAGES)?;
+                let mut receipts = txn.open_table(RECEIPTS_OUT)?;
+                let mut queued = Vec::new();
                 for (ids, final_state) in [
                     (&dead, InboxState::DeadLetter),
                     (&expired, InboxState::Expired),
@@ -472,16 +492,15 @@ impl Delivery {
                         queued.push((rec.from_node.clone(), id.clone()));
                     }
                 }
-                Ok((out, queued))
+                Ok(queued)
             })
             .await;
         match result {
-            Ok((leased, queued)) => {
+            Ok(queued) => {
                 Stats::add(&self.inner.stats.dead_lettered, sel.dead.len());
                 Stats::add(&self.inner.stats.expired, sel.expired.len());
                 self.queue_receipts(queued).await;
-                // Envelopes never change: read them outside the writer.
-                self.read_envelopes(agent, leased)
+                self.read_envelopes(agent, sel.offer)
             }
             Err(e) => {
                 self.unselect(agent, &sel.offer);
@@ -490,28 +509,29 @@ impl Delivery {
         }
     }
 
+    /// The envelopes of leased messages. An id whose envelope is gone was
+    /// acknowledged (or finished) meanwhile, and is not offered.
     fn read_envelopes(
         &self,
         agent: &AgentId,
-        leased: Vec<(String, u64, u32)>,
+        leased: Vec<(String, Slot)>,
     ) -> Result<Vec<InboxMessage>, Error> {
         let r = self.inner.store.read()?;
         let t = r
             .open_table(INBOX_MESSAGES)
             .map_err(crate::store::Error::from)?;
         let mut out = Vec::with_capacity(leased.len());
-        for (id, received_at_ms, delivery_count) in leased {
+        for (id, slot) in leased {
             let Some(v) = t
                 .get((agent.as_str(), id.as_str()))
                 .map_err(crate::store::Error::from)?
             else {
-                // Acknowledged meanwhile by a concurrent call.
                 continue;
             };
             out.push(InboxMessage {
                 envelope: records::decode("inbox_messages", v.value())?,
-                received_at_ms,
-                delivery_count,
+                received_at_ms: slot.received_at_ms,
+                delivery_count: slot.delivery_count,
             });
         }
         Ok(out)
