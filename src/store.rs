@@ -499,6 +499,33 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn detached_writes_apply_before_later_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, writer) = Store::open(dir.path()).unwrap();
+        for i in 0..100u64 {
+            store
+                .write_detached(move |txn| {
+                    txn.open_table(T)?.insert(i, i)?;
+                    Ok(())
+                })
+                .await
+                .unwrap();
+        }
+        // A durable write queued after them sees all of them, and its
+        // commit persists them.
+        let seen = store
+            .write(|txn| Ok(txn.open_table(T)?.len()?))
+            .await
+            .unwrap();
+        assert_eq!(seen, 100);
+        drop(store);
+        writer.join();
+        let (store, _w) = Store::open(dir.path()).unwrap();
+        let r = store.read().unwrap();
+        assert_eq!(r.open_table(T).unwrap().len().unwrap(), 100);
+    }
+
+    #[tokio::test]
     async fn failed_write_rolls_back_its_batch_only() {
         let dir = tempfile::tempdir().unwrap();
         let (store, _w) = Store::open(dir.path()).unwrap();
