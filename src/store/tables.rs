@@ -9,9 +9,11 @@ pub(crate) const LOCAL_AGENTS: TableDefinition<&str, &[u8]> = TableDefinition::n
 /// Every known agent's latest verified ad, by agent id (`discovery`).
 pub(crate) const REGISTRY: TableDefinition<&str, &[u8]> = TableDefinition::new("registry");
 
-/// Sent messages' envelopes, by message id; written once (`delivery`).
+/// Sent messages, by message id: routing head + wire envelope
+/// (`delivery::records::encode_outgoing`); written once (`delivery`).
 pub(crate) const OUT_MESSAGES: TableDefinition<&str, &[u8]> = TableDefinition::new("out_messages");
-/// Sent messages' tracking (status, history, result), by message id.
+/// Sent messages' progress (status, history, result), by message id; no row
+/// while a message is still queued (`delivery::records::Progress`).
 pub(crate) const OUT_STATUS: TableDefinition<&str, &[u8]> = TableDefinition::new("out_status");
 /// Messages not yet handed over: `(recipient node, message id)` → `(expiry ms, size)`.
 pub(crate) const OUTBOX: TableDefinition<(&str, &str), (u64, u64)> = TableDefinition::new("outbox");
