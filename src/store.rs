@@ -463,5 +463,14 @@ fn run_batch(db: &Database, batch: &mut Vec<Job>, stats: &WriteStats) {
     }
 }
 
+/// Open the database in `dir` (creating or checking its schema) and close
+/// it again, waiting for the writer to finish.
+#[cfg(test)]
+pub(crate) fn open_and_close(dir: &Path) {
+    let (s, w) = Store::open(dir).expect("test database opens");
+    drop(s);
+    w.join();
+}
+
 #[cfg(test)]
 mod tests;

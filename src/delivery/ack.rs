@@ -1,14 +1,12 @@
 //! Acknowledgements from local agents: one durable write for any number of
 //! acks, then a receipt per message queued back to its sender's node.
 
-use redb::ReadableTable;
-
-use super::records::{self, InboxRecord, InboxState};
+use super::inbox::InboxTables;
+use super::records::InboxState;
 use super::{Delivery, Error, Stats};
 use crate::identity::AgentId;
-use crate::store::tables::{INBOX, INBOX_MESSAGES, RECEIPTS_OUT};
 use crate::time::now_ms;
-use crate::wire::{self, Receipt, ReceiptKind};
+use crate::wire::ReceiptKind;
 
 /// Most acks in one call.
 pub const MAX_ACKS: usize = 1000;
@@ -46,17 +44,11 @@ impl Delivery {
             .inner
             .store
             .write(move |txn| {
-                let mut inbox = txn.open_table(INBOX)?;
-                let mut messages = txn.open_table(INBOX_MESSAGES)?;
-                let mut out_receipts = txn.open_table(RECEIPTS_OUT)?;
+                let mut t = InboxTables::open(txn)?;
                 let mut results = Vec::with_capacity(acks.len());
                 let mut receipts = Vec::new();
                 for (id, result_json) in acks {
-                    let Some(mut rec) = inbox
-                        .get((a.as_str(), id.as_str()))?
-                        .map(|v| records::decode::<InboxRecord>("inbox", v.value()))
-                        .transpose()?
-                    else {
+                    let Some(rec) = t.get(a.as_str(), &id)? else {
                         results.push(Err(Error::UnknownMessage(id)));
                         continue;
                     };
@@ -76,20 +68,15 @@ impl Delivery {
                         results.push(r);
                         continue;
                     }
-                    rec.state = InboxState::Acked;
-                    rec.lease_until_ms = 0;
-                    inbox.insert((a.as_str(), id.as_str()), wire::encode(&rec).as_slice())?;
-                    messages.remove((a.as_str(), id.as_str()))?;
-                    let receipt = Receipt {
-                        message_id: id.clone(),
-                        kind: ReceiptKind::Processed { result_json },
-                        at_ms: now_ms(),
-                    };
-                    out_receipts.insert(
-                        (rec.from_node.as_str(), id.as_str()),
-                        wire::encode(&receipt).as_slice(),
+                    let node = t.finish(
+                        a.as_str(),
+                        &id,
+                        rec,
+                        InboxState::Acked,
+                        ReceiptKind::Processed { result_json },
+                        now_ms(),
                     )?;
-                    receipts.push((rec.from_node, id));
+                    receipts.push((node, id));
                     results.push(Ok(()));
                 }
                 Ok((results, receipts))

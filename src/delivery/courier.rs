@@ -268,8 +268,8 @@ fn load_outbound(
             .filter(|_| item.expires_at_ms > now)
             .map(|c| c.outbound().clone())
     };
-    if items.iter().all(|i| fresh(i).is_some()) {
-        return Ok((items.iter().filter_map(fresh).collect(), Vec::new()));
+    if let Some(outs) = items.iter().map(fresh).collect::<Option<Vec<_>>>() {
+        return Ok((outs, Vec::new()));
     }
     let r = d.inner.store.read().map_err(|e| e.to_string())?;
     let msgs = r.open_table(OUT_MESSAGES).map_err(|e| e.to_string())?;

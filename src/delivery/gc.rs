@@ -13,13 +13,12 @@ use std::ops::Bound;
 use redb::{ReadableTable, WriteTransaction};
 use tracing::{debug, warn};
 
+use super::inbox::InboxTables;
 use super::records::{self, InboxRecord, InboxState, Progress};
 use super::{Delivery, Stats};
-use crate::store::tables::{
-    IDEMPOTENCY, INBOX, INBOX_MESSAGES, OUT_MESSAGES, OUT_STATUS, RECEIPTS_OUT, REPLIES,
-};
+use crate::store::tables::{IDEMPOTENCY, OUT_MESSAGES, OUT_STATUS, REPLIES};
 use crate::time::now_ms;
-use crate::wire::{self, Receipt, ReceiptKind};
+use crate::wire::ReceiptKind;
 
 /// Rows looked at per write transaction.
 const CHUNK: usize = 2048;
@@ -96,37 +95,30 @@ fn inbox_chunk(
 ) -> Result<(GcReport, Due, Cursor), crate::store::Error> {
     let mut report = GcReport::default();
     let mut due = Vec::new();
-    let mut inbox = txn.open_table(INBOX)?;
-    let mut messages = txn.open_table(INBOX_MESSAGES)?;
-    let mut receipts = txn.open_table(RECEIPTS_OUT)?;
-    let rows = pair_rows(&inbox, after)?;
+    let mut t = InboxTables::open(txn)?;
+    let rows = pair_rows(&t.inbox, after)?;
     for ((agent, id), v) in &rows {
-        let mut rec: InboxRecord = records::decode("inbox", v)?;
+        let rec: InboxRecord = records::decode("inbox", v)?;
         if rec.expires_at_ms > now {
             continue;
         }
-        let key = (agent.as_str(), id.as_str());
         match rec.state {
             // Leased ones are left to their lease: the agent may still ack.
             InboxState::Pending if rec.lease_until_ms > now => {}
             InboxState::Pending => {
-                rec.state = InboxState::Expired;
-                inbox.insert(key, wire::encode(&rec).as_slice())?;
-                messages.remove(key)?;
-                let receipt = Receipt {
-                    message_id: id.clone(),
-                    kind: ReceiptKind::Expired,
-                    at_ms: now,
-                };
-                receipts.insert(
-                    (rec.from_node.as_str(), id.as_str()),
-                    wire::encode(&receipt).as_slice(),
+                let node = t.finish(
+                    agent,
+                    id,
+                    rec,
+                    InboxState::Expired,
+                    ReceiptKind::Expired,
+                    now,
                 )?;
-                due.push((agent.clone(), rec.from_node, id.clone()));
+                due.push((agent.clone(), node, id.clone()));
                 report.expired += 1;
             }
             _ => {
-                inbox.remove(key)?;
+                t.inbox.remove((agent.as_str(), id.as_str()))?;
                 report.tombstones += 1;
             }
         }
@@ -255,6 +247,7 @@ mod tests {
     use super::*;
     use crate::delivery::records::{IdemRecord, Status};
     use crate::store::Store;
+    use crate::wire;
 
     /// Walk one table to the end, chunk by chunk, as `gc` does.
     async fn walk(

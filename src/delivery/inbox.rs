@@ -67,6 +67,74 @@ impl Inboxes {
     }
 }
 
+type InboxTable<'t> = redb::Table<'t, (&'static str, &'static str), &'static [u8]>;
+
+/// The three tables an inbox entry's end touches, open in one write
+/// transaction.
+pub(super) struct InboxTables<'t> {
+    pub(super) inbox: InboxTable<'t>,
+    messages: InboxTable<'t>,
+    receipts: InboxTable<'t>,
+}
+
+impl<'t> InboxTables<'t> {
+    pub(super) fn open(txn: &'t redb::WriteTransaction) -> Result<Self, crate::store::Error> {
+        Ok(InboxTables {
+            inbox: txn.open_table(INBOX)?,
+            messages: txn.open_table(INBOX_MESSAGES)?,
+            receipts: txn.open_table(RECEIPTS_OUT)?,
+        })
+    }
+
+    /// The entry's record, if there is one.
+    pub(super) fn get(
+        &self,
+        agent: &str,
+        id: &str,
+    ) -> Result<Option<InboxRecord>, crate::store::Error> {
+        self.inbox
+            .get((agent, id))?
+            .map(|v| records::decode::<InboxRecord>("inbox", v.value()))
+            .transpose()
+    }
+
+    /// End an entry in `state`: its record stays as a tombstone (to
+    /// recognise duplicates), its envelope goes, and its receipt is queued
+    /// for the sender's node in the same transaction. Returns that node.
+    pub(super) fn finish(
+        &mut self,
+        agent: &str,
+        id: &str,
+        mut rec: InboxRecord,
+        state: InboxState,
+        kind: ReceiptKind,
+        at_ms: u64,
+    ) -> Result<String, crate::store::Error> {
+        rec.state = state;
+        rec.lease_until_ms = 0;
+        self.inbox
+            .insert((agent, id), wire::encode(&rec).as_slice())?;
+        self.messages.remove((agent, id))?;
+        let receipt = Receipt {
+            message_id: id.to_string(),
+            kind,
+            at_ms,
+        };
+        self.receipts.insert(
+            (rec.from_node.as_str(), id),
+            wire::encode(&receipt).as_slice(),
+        )?;
+        Ok(rec.from_node)
+    }
+}
+
+/// One message of a batch, decoded; one that does not decode is refused
+/// on its own, not with the whole batch.
+fn decode_message(raw: &[u8]) -> Result<Envelope, Rejection> {
+    wire::decode(raw, MAX_BATCH_BYTES)
+        .map_err(|e| Rejection::Invalid(format!("message does not decode: {e}")))
+}
+
 /// A message that passed the admission checks, ready to store.
 pub(crate) struct Arrival {
     id: String,
@@ -181,8 +249,7 @@ impl Delivery {
             .into_iter()
             .map(|raw| {
                 let raw = raw.into_vec();
-                let env: Envelope = wire::decode(&raw, MAX_BATCH_BYTES)
-                    .map_err(|e| Rejection::Invalid(format!("message does not decode: {e}")))?;
+                let env = decode_message(&raw)?;
                 let node = hosted.get(&env.from).cloned().or_else(|| {
                     self.inner
                         .discovery
@@ -194,10 +261,7 @@ impl Delivery {
                         env.from
                     )));
                 }
-                match self.check(&env, now) {
-                    Some(r) => Err(r),
-                    None => Ok(Arrival::new(env, raw)),
-                }
+                self.admit(env, raw, now)
             })
             .collect();
         self.store_checked(peer, checked)
@@ -214,18 +278,19 @@ impl Delivery {
         let now = now_ms();
         let checked = outs
             .iter()
-            .map(|o| {
-                let env: Envelope = wire::decode(&o.bytes, MAX_BATCH_BYTES)
-                    .map_err(|e| Rejection::Invalid(format!("message does not decode: {e}")))?;
-                match self.check(&env, now) {
-                    Some(r) => Err(r),
-                    None => Ok(Arrival::new(env, o.bytes.clone())),
-                }
-            })
+            .map(|o| self.admit(decode_message(&o.bytes)?, o.bytes.clone(), now))
             .collect();
         self.store_checked(self.inner.node_id, checked)
             .await
             .map_err(|e| e.to_string())
+    }
+
+    /// A decoded message that passes `check`, with its bytes, ready to store.
+    fn admit(&self, env: Envelope, bytes: Vec<u8>, now: u64) -> Result<Arrival, Rejection> {
+        match self.check(&env, now) {
+            Some(r) => Err(r),
+            None => Ok(Arrival::new(env, bytes)),
+        }
     }
 
     /// Admission checks for one message; `None` means accept. Policy checks
@@ -454,20 +519,14 @@ impl Delivery {
             .store
             .write(move |txn| {
                 persist_leases(txn)?;
-                let mut inbox = txn.open_table(INBOX)?;
-                let mut messages = txn.open_table(INBOX_MESSAGES)?;
-                let mut receipts = txn.open_table(RECEIPTS_OUT)?;
+                let mut t = InboxTables::open(txn)?;
                 let mut queued = Vec::new();
                 for (ids, final_state) in [
                     (&dead, InboxState::DeadLetter),
                     (&expired, InboxState::Expired),
                 ] {
                     for id in ids {
-                        let Some(mut rec) = inbox
-                            .get((a.as_str(), id.as_str()))?
-                            .map(|v| records::decode::<InboxRecord>("inbox", v.value()))
-                            .transpose()?
-                        else {
+                        let Some(rec) = t.get(a.as_str(), id)? else {
                             continue;
                         };
                         let kind = match final_state {
@@ -476,20 +535,8 @@ impl Delivery {
                             },
                             _ => ReceiptKind::Expired,
                         };
-                        rec.state = final_state;
-                        rec.lease_until_ms = 0;
-                        inbox.insert((a.as_str(), id.as_str()), wire::encode(&rec).as_slice())?;
-                        messages.remove((a.as_str(), id.as_str()))?;
-                        let receipt = Receipt {
-                            message_id: id.clone(),
-                            kind,
-                            at_ms: now,
-                        };
-                        receipts.insert(
-                            (rec.from_node.as_str(), id.as_str()),
-                            wire::encode(&receipt).as_slice(),
-                        )?;
-                        queued.push((rec.from_node.clone(), id.clone()));
+                        let node = t.finish(a.as_str(), id, rec, final_state, kind, now)?;
+                        queued.push((node, id.clone()));
                     }
                 }
                 Ok(queued)

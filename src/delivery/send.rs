@@ -1,12 +1,11 @@
 //! Accepting a message from a local agent: checks, routing, idempotency,
 //! and the durable commit that precedes the answer.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use libp2p::PeerId;
 use redb::ReadableTable;
-
-use std::sync::Arc;
 
 use super::queue::{Cached, Item, Outbound};
 
@@ -153,19 +152,18 @@ impl Delivery {
         });
         // Each envelope is encoded once, here: the same bytes are committed
         // and sent, and the receiver stores them as they arrive.
-        let rows: Vec<(Outbound, Vec<u8>)> = prepared
+        let rows: Vec<(Outbound, Vec<u8>, String)> = prepared
             .iter()
             .map(|(env, head, _)| {
                 let bytes = wire::encode(env);
                 let record = records::encode_outgoing(head, &bytes);
-                (Outbound::new(env, bytes), record)
+                (Outbound::new(env, bytes), record, head.to_node.clone())
             })
             .collect();
         let replies: Vec<(String, String)> = prepared
             .iter()
             .filter_map(|(env, _, _)| env.reply_to.clone().map(|orig| (orig, env.id.clone())))
             .collect();
-        let to_nodes: Vec<String> = prepared.iter().map(|(_, h, _)| h.to_node.clone()).collect();
         let routes: Vec<Recipient> = prepared.into_iter().map(|(_, _, r)| r).collect();
         let from_id = req.from.clone();
         // The rows go into the writer and come back with its answer.
@@ -190,10 +188,10 @@ impl Delivery {
                 // No `OUT_STATUS` row yet: a message without one is queued.
                 let mut msgs = txn.open_table(OUT_MESSAGES)?;
                 let mut outbox = txn.open_table(OUTBOX)?;
-                for ((out, record), r) in rows.iter().zip(&to_nodes) {
+                for (out, record, to_node) in &rows {
                     msgs.insert(out.id.as_str(), record.as_slice())?;
                     outbox.insert(
-                        (r.as_str(), out.id.as_str()),
+                        (to_node.as_str(), out.id.as_str()),
                         (out.expires_at_ms, out.bytes.len() as u64),
                     )?;
                 }
@@ -219,7 +217,7 @@ impl Delivery {
         Stats::add(&self.inner.stats.queued, rows.len());
         let mut items: Vec<(PeerId, Item)> = Vec::with_capacity(rows.len());
         let mut messages = Vec::with_capacity(rows.len());
-        for ((out, _), r) in rows.into_iter().zip(&routes) {
+        for ((out, _, _), r) in rows.into_iter().zip(&routes) {
             if r.node_id != self.inner.node_id {
                 self.teach_addresses(r).await;
             }

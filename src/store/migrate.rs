@@ -73,7 +73,7 @@ mod tests {
     use super::*;
     use crate::delivery::records::{HistoryEntry, Status};
     use crate::identity::AgentId;
-    use crate::store::{DB_FILE, META, META_SCHEMA, Store};
+    use crate::store::{DB_FILE, META, META_SCHEMA, Store, open_and_close};
     use crate::wire::{self, Envelope};
 
     fn envelope(id: &str) -> Envelope {
@@ -97,11 +97,7 @@ mod tests {
     #[test]
     fn schema_1_messages_are_upgraded_in_place() {
         let dir = tempfile::tempdir().unwrap();
-        {
-            let (s, w) = Store::open(dir.path()).unwrap();
-            drop(s);
-            w.join();
-        }
+        open_and_close(dir.path());
         // Write what schema 1 wrote, and mark the file as schema 1.
         let envs: Vec<Envelope> = (0..(CHUNK + 3))
             .map(|i| envelope(&format!("m{i:06}")))
@@ -173,8 +169,6 @@ mod tests {
         drop(s);
         w.join();
         // Opening again is a no-op: the file is schema 2 now.
-        let (s, w) = Store::open(dir.path()).unwrap();
-        drop(s);
-        w.join();
+        open_and_close(dir.path());
     }
 }

@@ -93,14 +93,8 @@ async fn failed_write_rolls_back_its_batch_only() {
 #[test]
 fn reopen_keeps_schema_and_rejects_garbage() {
     let dir = tempfile::tempdir().unwrap();
-    {
-        let (s, w) = Store::open(dir.path()).unwrap();
-        drop(s);
-        w.join();
-    }
-    let (s, w) = Store::open(dir.path()).unwrap();
-    drop(s);
-    w.join();
+    open_and_close(dir.path());
+    open_and_close(dir.path());
 
     let bad = tempfile::tempdir().unwrap();
     std::fs::write(bad.path().join(DB_FILE), vec![0x5a; 10_000]).unwrap();
@@ -131,11 +125,7 @@ fn foreign_database_refused() {
 #[test]
 fn newer_schema_refused() {
     let dir = tempfile::tempdir().unwrap();
-    {
-        let (s, w) = Store::open(dir.path()).unwrap();
-        drop(s);
-        w.join();
-    }
+    open_and_close(dir.path());
     {
         let db = Database::create(dir.path().join(DB_FILE)).unwrap();
         let w = db.begin_write().unwrap();
