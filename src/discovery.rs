@@ -15,6 +15,7 @@
 //! - `matching`: capability patterns, tag/version filters, free-text ranking.
 //! - `local`: local agents and their keys, persisted.
 //! - `dht`: provider keys.
+//! - `publish`: gossiping our ads, again when none could go out.
 //! - `ingest`: ads from peers (gossip, anti-entropy, DHT): verify, apply, persist.
 //! - `sync`: anti-entropy and the requests peers send us.
 //! - `service`: the background task (refresh, expiry, periodic sync).
@@ -30,7 +31,7 @@ use tracing::{debug, warn};
 
 use crate::config::DiscoveryConfig;
 use crate::identity::{self, AgentId, NodeKey};
-use crate::net::{self, NetHandle};
+use crate::net::NetHandle;
 use crate::store::{self, Store, tables::REGISTRY};
 use crate::time::now_ms;
 use crate::wire::{self, AdBody, AdState, Capability, SignedAd};
@@ -40,6 +41,7 @@ pub mod dht;
 mod ingest;
 pub mod local;
 pub mod matching;
+mod publish;
 pub mod registry;
 mod service;
 mod sync;
@@ -139,6 +141,8 @@ struct Inner {
     connected: RwLock<HashSet<PeerId>>,
     /// When an anti-entropy round last got an answer (see `on_peer_connected`).
     last_sync: std::sync::Mutex<Option<std::time::Instant>>,
+    /// Our ads whose gossip found no peer yet (see `publish`).
+    unsent: publish::Unsent,
     register_lock: tokio::sync::Mutex<()>,
     stats: Stats,
 }
@@ -216,6 +220,7 @@ impl Discovery {
                 local: RwLock::new(local),
                 connected: RwLock::new(HashSet::new()),
                 last_sync: std::sync::Mutex::new(None),
+                unsent: Default::default(),
                 register_lock: tokio::sync::Mutex::new(()),
                 stats: Stats::default(),
             }),
@@ -429,20 +434,6 @@ impl Discovery {
         self.write_registry().apply(signed.clone(), now, true);
         self.persist(vec![signed.clone()]).await;
         self.gossip(&signed).await;
-    }
-
-    async fn gossip(&self, ad: &SignedAd) {
-        if !self.inner.cfg.gossip {
-            return;
-        }
-        let data = wire::encode(&GossipAd::V1(ad.clone()));
-        match self.inner.net.publish(self.inner.topic.clone(), data).await {
-            Ok(()) => {}
-            Err(net::Error::Publish { no_peers: true, .. }) => {
-                debug!("no peers on the ads topic yet; anti-entropy will carry the ad")
-            }
-            Err(e) => debug!(error = %e, "gossip of an ad failed; anti-entropy will carry it"),
-        }
     }
 
     async fn provide(&self, id: &AgentId) {

@@ -58,8 +58,9 @@ pub enum Error {
         topic: String,
         /// Why.
         reason: String,
-        /// True when the only problem is that no peer is subscribed yet.
-        no_peers: bool,
+        /// True when it may succeed later: no peer subscribed yet, or every
+        /// peer's send queue full.
+        retryable: bool,
     },
     /// A DHT operation failed.
     #[error("DHT: {0}")]

@@ -434,6 +434,74 @@ async fn dht_finds_agents_when_gossip_and_anti_entropy_are_off() {
     );
 }
 
+/// Ads in `n`'s registry (local view only: no DHT lookup involved).
+fn known(n: &TestNode) -> usize {
+    n.handle().discovery().with_registry(|r| r.len())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ad_published_before_any_peer_is_gossiped_once_one_arrives() {
+    init_tracing();
+    // No anti-entropy: only gossip can carry the ad.
+    let first = TestNode::start(|c| c.discovery.anti_entropy = false).await;
+    register(&first, summarizer()).await;
+    assert_eq!(
+        first.handle().discovery().unsent_ads(),
+        1,
+        "alone, the publish has no peer to go to"
+    );
+    let boot = first.dial_addr.clone();
+    let second = TestNode::start(|c| {
+        c.discovery.anti_entropy = false;
+        c.network.bootstrap = vec![boot];
+    })
+    .await;
+    wait_until(
+        "the second node to receive the ad by gossip",
+        Duration::from_secs(10),
+        || async { known(&second) == 1 },
+    )
+    .await;
+    assert_eq!(first.handle().discovery().unsent_ads(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_nodes_reconcile_early_not_once_per_interval() {
+    init_tracing();
+    // No gossip, and periodic anti-entropy far away: the two nodes reconcile
+    // (with nothing to exchange) when they connect, then an agent registers.
+    let nodes = chain(2, |c| {
+        c.discovery.gossip = false;
+        c.discovery.anti_entropy_interval = Duration::from_secs(300);
+    })
+    .await;
+    wait_until(
+        "the connect-time round",
+        Duration::from_secs(10),
+        || async {
+            nodes[1]
+                .handle()
+                .discovery()
+                .stats()
+                .sync_rounds
+                .load(std::sync::atomic::Ordering::Relaxed)
+                >= 1
+        },
+    )
+    .await;
+    register(&nodes[0], summarizer()).await;
+    // The early rounds after start (1 s, then doubling) carry it, not the
+    // 300 s interval.
+    let t = Instant::now();
+    wait_until(
+        "the other node to learn the ad by anti-entropy",
+        Duration::from_secs(20),
+        || async { known(&nodes[1]) == 1 },
+    )
+    .await;
+    eprintln!("reconciled in {:?}", t.elapsed());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agents_without_capabilities_are_listed() {
     let n = TestNode::start(|_| {}).await;

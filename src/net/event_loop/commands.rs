@@ -107,7 +107,7 @@ impl EventLoop {
                     .map_err(|e| Error::Publish {
                         topic,
                         reason: e.to_string(),
-                        no_peers: false,
+                        retryable: false,
                     });
                 let _ = reply.send(r);
             }
@@ -121,7 +121,11 @@ impl EventLoop {
                     .map(|_| ())
                     .map_err(|e| Error::Publish {
                         topic,
-                        no_peers: matches!(e, gossipsub::PublishError::NoPeersSubscribedToTopic),
+                        retryable: matches!(
+                            e,
+                            gossipsub::PublishError::NoPeersSubscribedToTopic
+                                | gossipsub::PublishError::AllQueuesFull(_)
+                        ),
                         reason: e.to_string(),
                     });
                 let _ = reply.send(r);
