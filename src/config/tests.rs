@@ -108,3 +108,13 @@ mod example_files {
         assert!(seen >= 3);
     }
 }
+
+#[test]
+fn plaintext_is_refused_on_tcp() {
+    let mut cfg = NodeConfig::with_data_dir("/x");
+    cfg.network.memory_plaintext = true;
+    let err = cfg.validate().unwrap_err().to_string();
+    assert!(err.contains("memory transport"), "{err}");
+    cfg.network.transport = TransportKind::Memory;
+    cfg.validate().unwrap();
+}

@@ -1,5 +1,6 @@
 //! Building the swarm: TCP + QUIC for real deployments, libp2p's in-memory
-//! transport for simulations of many nodes in one process.
+//! transport for simulations of many nodes in one process (with noise, or
+//! with the plaintext handshake when a simulation asks for it).
 
 use libp2p::core::transport::{MemoryTransport, Transport, upgrade};
 use libp2p::identity::Keypair;
@@ -41,14 +42,23 @@ pub fn build_swarm(
             .build(),
         TransportKind::Memory => {
             let noise = noise::Config::new(key).map_err(|e| err(&e))?;
+            let plain = net
+                .memory_plaintext
+                .then(|| libp2p::plaintext::Config::new(key));
             SwarmBuilder::with_existing_identity(key.clone())
                 .with_tokio()
                 .with_other_transport(move |_| {
-                    MemoryTransport::default()
-                        .upgrade(upgrade::Version::V1)
-                        .authenticate(noise)
-                        .multiplex(yamux::Config::default())
-                        .boxed()
+                    let memory = MemoryTransport::default().upgrade(upgrade::Version::V1);
+                    match plain {
+                        Some(plain) => memory
+                            .authenticate(plain)
+                            .multiplex(yamux::Config::default())
+                            .boxed(),
+                        None => memory
+                            .authenticate(noise)
+                            .multiplex(yamux::Config::default())
+                            .boxed(),
+                    }
                 })
                 .map_err(|e| err(&e))?
                 .with_behaviour(make)

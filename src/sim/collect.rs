@@ -177,7 +177,12 @@ pub fn summary(
         nodes_initial: plan.initial,
         nodes_total: w.live.with(|v| v.handles.len()),
         nodes_departed: w.departed.len(),
-        transport: format!("{:?}", s.mesh.transport).to_lowercase(),
+        transport: format!(
+            "{:?}{}",
+            s.mesh.transport,
+            if s.mesh.plaintext { ", plaintext" } else { "" }
+        )
+        .to_lowercase(),
         topology: match s.mesh.topology {
             TopologyKind::Random => format!("random, degree {}", s.mesh.degree),
             TopologyKind::Chain => "chain".into(),

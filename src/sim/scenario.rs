@@ -83,6 +83,9 @@ pub struct Mesh {
     pub nodes: usize,
     /// Memory transport (default) or loopback TCP.
     pub transport: TransportKind,
+    /// Memory transport only: plaintext handshakes instead of noise
+    /// (`security = "plaintext"`; see `NetworkConfig::memory_plaintext`).
+    pub plaintext: bool,
     /// Bootstrap topology.
     pub topology: TopologyKind,
     /// Bootstrap peers per node (random topology, joiners, restarts).
@@ -183,6 +186,7 @@ struct RawScenario {
 struct RawMesh {
     nodes: usize,
     transport: Option<TransportKind>,
+    security: Option<Security>,
     topology: Option<TopologyKind>,
     degree: Option<usize>,
     agents_per_node: Option<usize>,
@@ -301,7 +305,8 @@ fn build(path: &Path, raw: RawScenario) -> Result<Scenario, String> {
         return Err("duration must be positive".into());
     }
     let mesh = build_mesh(raw.mesh)?;
-    let node = build_node(&raw.network, &raw.discovery, &raw.delivery, mesh.transport)?;
+    let mut node = build_node(&raw.network, &raw.discovery, &raw.delivery, mesh.transport)?;
+    node.network.memory_plaintext = mesh.plaintext;
     let traffic = raw
         .traffic
         .map(|t| build_traffic(t, duration, &node))
@@ -343,6 +348,16 @@ fn build(path: &Path, raw: RawScenario) -> Result<Scenario, String> {
     })
 }
 
+/// How simulated nodes secure their connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum Security {
+    /// Noise, as every real node.
+    Noise,
+    /// libp2p's plaintext handshake: memory transport only.
+    Plaintext,
+}
+
 fn build_mesh(m: RawMesh) -> Result<Mesh, String> {
     if m.nodes < 2 {
         return Err(format!(
@@ -353,12 +368,19 @@ fn build_mesh(m: RawMesh) -> Result<Mesh, String> {
     let mesh = Mesh {
         nodes: m.nodes,
         transport: m.transport.unwrap_or(TransportKind::Memory),
+        plaintext: m.security == Some(Security::Plaintext),
         topology: m.topology.unwrap_or(TopologyKind::Random),
         degree: m.degree.unwrap_or(3),
         agents_per_node: m.agents_per_node.unwrap_or(1),
         capabilities: m.capabilities.unwrap_or(10),
         data_dir: m.data_dir,
     };
+    if mesh.plaintext && mesh.transport != TransportKind::Memory {
+        return Err(
+            "mesh.security = \"plaintext\" needs transport = \"memory\" (TCP connections are always noise)"
+                .into(),
+        );
+    }
     if mesh.degree == 0 {
         return Err("mesh.degree must be at least 1".into());
     }
@@ -484,6 +506,23 @@ mod tests {
         assert_eq!(s.mesh.topology, TopologyKind::Random);
         assert!(s.traffic.is_none() && s.events.is_empty());
         assert_eq!(s.seed, 1);
+    }
+
+    #[test]
+    fn plaintext_is_for_the_memory_transport_only() {
+        let s =
+            parse(&MIN.replace("nodes = 10\n", "nodes = 10\nsecurity = \"plaintext\"\n")).unwrap();
+        assert!(s.mesh.plaintext && s.node.network.memory_plaintext);
+        assert!(!parse(MIN).unwrap().node.network.memory_plaintext);
+        let e = parse(&MIN.replace(
+            "nodes = 10\n",
+            "nodes = 10\ntransport = \"tcp\"\nsecurity = \"plaintext\"\n",
+        ))
+        .unwrap_err();
+        assert!(e.contains("mesh.security"), "{e}");
+        let e =
+            parse(&MIN.replace("nodes = 10\n", "nodes = 10\nsecurity = \"none\"\n")).unwrap_err();
+        assert!(e.contains("security"), "{e}");
     }
 
     #[test]

@@ -73,6 +73,7 @@ pub fn tweak(base: &NodeConfig, cfg: &mut NodeConfig) {
     cfg.network.idle_timeout = base.network.idle_timeout;
     cfg.network.kad_bootstrap_interval = base.network.kad_bootstrap_interval;
     cfg.network.min_peers = base.network.min_peers;
+    cfg.network.memory_plaintext = base.network.memory_plaintext;
 }
 
 /// The registration of simulation agent `j` of node `slot`.
