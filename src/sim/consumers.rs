@@ -68,12 +68,14 @@ impl Consumers {
         }
     }
 
-    /// Stop every consumer.
+    /// Stop every consumer: cancel all, then wait for all at once (one node
+    /// after the other took minutes at 1,000 nodes on a busy runtime).
     pub async fn stop_all(&mut self) {
-        let slots: Vec<usize> = self.running.keys().copied().collect();
-        for s in slots {
-            self.stop(s).await;
+        let all: Vec<_> = self.running.drain().map(|(_, v)| v).collect();
+        for (cancel, _) in &all {
+            cancel.cancel();
         }
+        futures::future::join_all(all.into_iter().flat_map(|(_, tasks)| tasks)).await;
     }
 }
 

@@ -18,7 +18,7 @@ use super::report::{Phases, Summary};
 use super::scenario::{Scenario, TopologyKind};
 use super::schedule::{self, Plan};
 use super::traffic::Generator;
-use super::watch::{Watch, coverage};
+use super::watch::{Coverage, Watch};
 use super::world::{self, World};
 use super::{Error, RunOptions};
 use crate::cluster::{Cluster, ClusterOptions, SeededRng, Topology};
@@ -227,8 +227,9 @@ async fn drive(
     let t = Instant::now();
     let b = bar(o.progress, 100, "warm-up");
     let mut curve = Vec::new();
+    let mut tracker = Coverage::new(&w.live);
     loop {
-        let cov = coverage(&w.live);
+        let cov = tracker.sample(&w.live).await;
         let since = t.elapsed().as_secs_f64() + ph.register_s;
         if curve.last().is_none_or(|(_, c)| *c != cov) {
             curve.push((since, cov));
