@@ -28,21 +28,7 @@ impl Discovery {
             return;
         }
         let sent = self.publish_ad(ad).await;
-        let mut unsent = self.unsent();
-        if sent {
-            // A newer ad went out; an older unsent one is obsolete.
-            if unsent
-                .get(&ad.body.agent_id)
-                .is_some_and(|u| u.body.seq <= ad.body.seq)
-            {
-                unsent.remove(&ad.body.agent_id);
-            }
-        } else if unsent
-            .get(&ad.body.agent_id)
-            .is_none_or(|u| u.body.seq < ad.body.seq)
-        {
-            unsent.insert(ad.body.agent_id.clone(), ad.clone());
-        }
+        self.settle(ad, sent);
     }
 
     /// Publish again the ads that could not go out; returns how many did.
@@ -52,13 +38,7 @@ impl Discovery {
         for ad in pending {
             if self.publish_ad(&ad).await {
                 sent += 1;
-                let mut unsent = self.unsent();
-                if unsent
-                    .get(&ad.body.agent_id)
-                    .is_some_and(|u| u.body.seq == ad.body.seq)
-                {
-                    unsent.remove(&ad.body.agent_id);
-                }
+                self.settle(&ad, true);
             } else {
                 // The topic still has no reachable peer: the rest would fail too.
                 break;
@@ -68,6 +48,21 @@ impl Discovery {
             debug!(sent, "gossiped ads that had found no peer");
         }
         sent
+    }
+
+    /// Record the outcome of publishing `ad`: once sent, it and any older
+    /// unsent ad of its agent are done; if not, it waits unless a newer one
+    /// already does.
+    fn settle(&self, ad: &SignedAd, sent: bool) {
+        let mut unsent = self.unsent();
+        let held = unsent.get(&ad.body.agent_id).map(|u| u.body.seq);
+        if sent {
+            if held.is_some_and(|seq| seq <= ad.body.seq) {
+                unsent.remove(&ad.body.agent_id);
+            }
+        } else if held.is_none_or(|seq| seq < ad.body.seq) {
+            unsent.insert(ad.body.agent_id.clone(), ad.clone());
+        }
     }
 
     /// How many of our ads wait for a peer to gossip to.

@@ -5,6 +5,7 @@
 use serde::Serialize;
 
 use super::live::Live;
+use crate::discovery::Registry;
 use crate::identity::AgentId;
 use crate::node::NodeHandle;
 
@@ -66,9 +67,13 @@ pub struct Watch {
     pub timeout_s: f64,
 }
 
+/// Whether `r` holds `agent` as active.
+fn active(r: &Registry, agent: &AgentId) -> bool {
+    r.get(agent).is_some_and(|e| e.is_active())
+}
+
 fn sees(h: &NodeHandle, agent: &AgentId) -> bool {
-    h.discovery()
-        .with_registry(|r| r.get(agent).is_some_and(|e| e.is_active()))
+    h.discovery().with_registry(|r| active(r, agent))
 }
 
 impl Watch {
@@ -197,12 +202,8 @@ pub fn coverage(live: &Live) -> f64 {
     let known: usize = running
         .iter()
         .map(|(_, h)| {
-            h.discovery().with_registry(|r| {
-                agents
-                    .iter()
-                    .filter(|a| r.get(a).is_some_and(|e| e.is_active()))
-                    .count()
-            })
+            h.discovery()
+                .with_registry(|r| agents.iter().filter(|a| active(r, a)).count())
         })
         .sum();
     known as f64 / total as f64
@@ -252,9 +253,8 @@ impl Coverage {
         }
         for (k, ((_, h), (_, missing))) in running.iter().zip(&mut self.missing).enumerate() {
             if !missing.is_empty() {
-                h.discovery().with_registry(|r| {
-                    missing.retain(|a| !r.get(a).is_some_and(|e| e.is_active()))
-                });
+                h.discovery()
+                    .with_registry(|r| missing.retain(|a| !active(r, a)));
             }
             // Let the nodes' tasks run between chunks of lookups.
             if k % 64 == 63 {
