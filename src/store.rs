@@ -13,21 +13,33 @@
 //! batch gets an error, so a half-applied write can never be committed.
 //! Domain outcomes ("handle taken") belong in the closure's `Ok` value.
 //!
+//! # Durability: the write-ahead log
+//! A group commit is made durable by appending its table writes to the
+//! write-ahead log (`store::wal`) and fsyncing that, not by redb's own
+//! fsync: the redb transaction commits with `Durability::None`. Every few
+//! seconds (or 32 MiB of log) a batch commits durably instead, recording
+//! the last logged sequence number in the same transaction (a checkpoint),
+//! and the log starts again from the front. Opening replays the records
+//! after the checkpoint. Closures see a [`Tx`], whose tables record each
+//! insert and remove for the log.
+//!
 //! Tables live in the modules that own them (`store::tables`).
 
-use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 
-use redb::{
-    Database, Durability, ReadTransaction, ReadableDatabase, ReadableTable, TableDefinition,
-    WriteTransaction,
-};
+use redb::{Database, ReadTransaction, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::{mpsc, oneshot};
 
 mod migrate;
 pub mod tables;
+mod tx;
+pub mod wal;
+mod writer;
+
+pub use tx::{Table, Tx};
+use wal::Wal;
 
 /// File name of the database inside the data dir.
 pub const DB_FILE: &str = "agentmesh.redb";
@@ -126,7 +138,7 @@ type Done = Box<dyn FnOnce(Result<(), Error>) + Send>;
 /// Runs a write against the transaction (or, given an error, only prepares
 /// to report it) and returns how to answer the caller once the commit is
 /// known, plus the write's own failure if it failed.
-type JobFn = Box<dyn FnOnce(Result<&WriteTransaction, Error>) -> (Done, Option<Error>) + Send>;
+type JobFn = Box<dyn FnOnce(Result<&Tx<'_>, Error>) -> (Done, Option<Error>) + Send>;
 
 struct Job {
     durable: bool,
@@ -146,6 +158,18 @@ pub struct WriteStats {
     pub apply_ns: AtomicU64,
     /// Nanoseconds spent committing (including fsync).
     pub commit_ns: AtomicU64,
+    /// Records appended to the write-ahead log.
+    pub wal_records: AtomicU64,
+    /// Bytes appended to the write-ahead log (headers included).
+    pub wal_bytes: AtomicU64,
+    /// fsyncs of the write-ahead log.
+    pub wal_syncs: AtomicU64,
+    /// Checkpoints (durable redb commits).
+    pub checkpoints: AtomicU64,
+    /// Nanoseconds spent in fsyncs of the log.
+    pub wal_sync_ns: AtomicU64,
+    /// Nanoseconds spent in checkpoint commits.
+    pub checkpoint_ns: AtomicU64,
 }
 
 /// A cheap, cloneable handle to the database.
@@ -181,14 +205,25 @@ impl Store {
     pub fn open(data_dir: &Path) -> Result<(Store, WriterThread), OpenError> {
         let path = data_dir.join(DB_FILE);
         let db = open_db(&path)?;
+        let wal = Wal::open(data_dir).map_err(|e| OpenError::Storage {
+            path: data_dir.join(wal::WAL_FILE),
+            source: redb::Error::Io(e),
+        })?;
+        let checkpoint = writer::recover(&db, &wal)?;
+        let wal_path = wal.path().to_path_buf();
         let db = Arc::new(db);
         let (tx, rx) = mpsc::channel(WRITE_QUEUE);
         let stats = Arc::new(WriteStats::default());
-        let thread_db = db.clone();
-        let thread_stats = stats.clone();
+        let writer =
+            writer::Writer::new(db.clone(), wal, checkpoint, stats.clone()).map_err(|e| {
+                OpenError::Storage {
+                    path: wal_path,
+                    source: redb::Error::Io(e),
+                }
+            })?;
         let handle = std::thread::Builder::new()
             .name("agentmesh-store".into())
-            .spawn(move || writer_loop(thread_db, rx, thread_stats))
+            .spawn(move || writer.run(rx))
             .map_err(|e| OpenError::Storage {
                 path: path.clone(),
                 source: redb::Error::Io(e),
@@ -219,7 +254,7 @@ impl Store {
     pub async fn write<R, F>(&self, f: F) -> Result<R, Error>
     where
         R: Send + 'static,
-        F: FnOnce(&WriteTransaction) -> Result<R, Error> + Send + 'static,
+        F: FnOnce(&Tx<'_>) -> Result<R, Error> + Send + 'static,
     {
         self.submit(true, f).await
     }
@@ -229,7 +264,7 @@ impl Store {
     pub async fn write_lazy<R, F>(&self, f: F) -> Result<R, Error>
     where
         R: Send + 'static,
-        F: FnOnce(&WriteTransaction) -> Result<R, Error> + Send + 'static,
+        F: FnOnce(&Tx<'_>) -> Result<R, Error> + Send + 'static,
     {
         self.submit(false, f).await
     }
@@ -240,7 +275,7 @@ impl Store {
     /// the writer; there is nobody to tell.
     pub async fn write_detached<F>(&self, f: F) -> Result<(), Error>
     where
-        F: FnOnce(&WriteTransaction) -> Result<(), Error> + Send + 'static,
+        F: FnOnce(&Tx<'_>) -> Result<(), Error> + Send + 'static,
     {
         let run: JobFn = Box::new(move |txn| {
             let failed = txn.and_then(f).err();
@@ -260,7 +295,7 @@ impl Store {
     pub async fn submit<R, F>(&self, durable: bool, f: F) -> Result<R, Error>
     where
         R: Send + 'static,
-        F: FnOnce(&WriteTransaction) -> Result<R, Error> + Send + 'static,
+        F: FnOnce(&Tx<'_>) -> Result<R, Error> + Send + 'static,
     {
         let (tx, rx) = oneshot::channel::<Result<R, Error>>();
         let run: JobFn = Box::new(move |txn| match txn.and_then(f) {
@@ -375,92 +410,6 @@ fn check_schema(db: &Database, path: &Path) -> Result<(), OpenError> {
     tables::create_all(&txn).map_err(|e| storage(e.into()))?;
     txn.commit().map_err(|e| storage(e.into()))?;
     Ok(())
-}
-
-fn writer_loop(db: Arc<Database>, mut rx: mpsc::Receiver<Job>, stats: Arc<WriteStats>) {
-    let mut batch: Vec<Job> = Vec::with_capacity(256);
-    while let Some(first) = rx.blocking_recv() {
-        batch.push(first);
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(job) => batch.push(job),
-                Err(_) => break,
-            }
-        }
-        let n = batch.len() as u64;
-        if batch.iter().any(|j| j.durable) {
-            stats.durable_commits.fetch_add(1, Ordering::Relaxed);
-        }
-        run_batch(&db, &mut batch, &stats);
-        stats.commits.fetch_add(1, Ordering::Relaxed);
-        stats.writes.fetch_add(n, Ordering::Relaxed);
-    }
-}
-
-fn run_batch(db: &Database, batch: &mut Vec<Job>, stats: &WriteStats) {
-    let started = std::time::Instant::now();
-    let durable = batch.iter().any(|j| j.durable);
-    let level = if durable {
-        Durability::Immediate
-    } else {
-        Durability::None
-    };
-    let txn = match db.begin_write().map_err(Error::from).and_then(|mut t| {
-        t.set_durability(level)?;
-        Ok(t)
-    }) {
-        Ok(t) => t,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot begin write transaction");
-            for job in batch.drain(..) {
-                let (done, _) = (job.run)(Err(e.clone()));
-                done(Err(e.clone()));
-            }
-            return;
-        }
-    };
-    let mut dones: Vec<Done> = Vec::with_capacity(batch.len());
-    let mut failure: Option<Error> = None;
-    for job in batch.drain(..) {
-        if let Some(err) = &failure {
-            // Jobs after a failure never touch the transaction.
-            let (done, _) = (job.run)(Err(Error::BatchAborted(err.to_string())));
-            dones.push(done);
-            continue;
-        }
-        match catch_unwind(AssertUnwindSafe(|| (job.run)(Ok(&txn)))) {
-            Ok((done, None)) => dones.push(done),
-            Ok((done, Some(e))) => {
-                dones.push(done);
-                failure = Some(e);
-            }
-            // The panicking closure took its reply sender with it: its
-            // caller sees `Closed`.
-            Err(_) => failure = Some(Error::BatchAborted("a write panicked".into())),
-        }
-    }
-    let applied = std::time::Instant::now();
-    stats.apply_ns.fetch_add(
-        applied.duration_since(started).as_nanos() as u64,
-        Ordering::Relaxed,
-    );
-    let result = match failure {
-        Some(err) => {
-            tracing::error!(error = %err, "write failed; rolling back its group commit");
-            let _ = txn.abort();
-            Err(Error::BatchAborted(err.to_string()))
-        }
-        None => txn.commit().map_err(Error::from),
-    };
-    stats
-        .commit_ns
-        .fetch_add(applied.elapsed().as_nanos() as u64, Ordering::Relaxed);
-    if let Err(e) = &result {
-        tracing::error!(error = %e, "group commit did not commit");
-    }
-    for done in dones {
-        done(result.clone());
-    }
 }
 
 /// Open the database in `dir` (creating or checking its schema) and close

@@ -271,14 +271,19 @@ async fn throughput(o: &Opts, pair: &Pair) -> Result<serde_json::Value, Error> {
     let consumer = spawn_consumer(b.clone(), pair.bob.clone(), arrivals.clone(), stop.clone());
     let stored0 = load(&b.delivery().stats().inbox_stored);
     let acked0 = load(&b.delivery().stats().acked);
-    let commits0 = load(&a.store().stats().commits) + load(&b.store().stats().commits);
+    let fsyncs = |h: &NodeHandle| {
+        let s = h.store().stats();
+        load(&s.wal_syncs) + load(&s.checkpoints)
+    };
+    let fsyncs0 = fsyncs(&a) + fsyncs(&b);
     let busy = |h: &NodeHandle| {
         let s = h.store().stats();
         (
             load(&s.apply_ns),
             load(&s.commit_ns),
             load(&s.commits),
-            load(&s.durable_commits),
+            (load(&s.wal_syncs), load(&s.checkpoints)),
+            (load(&s.wal_sync_ns), load(&s.checkpoint_ns)),
         )
     };
     let (busy_a0, busy_b0) = (busy(&a), busy(&b));
@@ -335,19 +340,22 @@ async fn throughput(o: &Opts, pair: &Pair) -> Result<serde_json::Value, Error> {
     let cpu = cpu_time().zip(cpu0).map(|(b, a)| b.saturating_sub(a));
     stop.cancel();
     let _ = consumer.await;
-    let commits = load(&a.store().stats().commits) + load(&b.store().stats().commits) - commits0;
+    let commits = fsyncs(&a) + fsyncs(&b) - fsyncs0;
     send_lat.sort();
     let stored_at = stored_at.unwrap_or(processed);
     let (busy_a, busy_b) = (busy(&a), busy(&b));
-    for (name, (ap, cm, c, dc), (ap0, cm0, c0, dc0)) in
+    for (name, (ap, cm, c, (ws, cp), (wn, cn)), (ap0, cm0, c0, (ws0, cp0), (wn0, cn0))) in
         [("sender", busy_a, busy_a0), ("receiver", busy_b, busy_b0)]
     {
         println!(
-            "  {name} store thread: {:.2} s building transactions, {:.2} s committing; {} commits, {} of them fsynced",
+            "  {name} store thread: {:.2} s building transactions, {:.2} s committing; {} commits, {} log fsyncs ({:.2} s), {} checkpoints ({:.2} s)",
             (ap - ap0) as f64 / 1e9,
             (cm - cm0) as f64 / 1e9,
             c - c0,
-            dc - dc0
+            ws - ws0,
+            (wn - wn0) as f64 / 1e9,
+            cp - cp0,
+            (cn - cn0) as f64 / 1e9
         );
     }
     let rate = |d: Duration| o.messages as f64 / d.as_secs_f64();
@@ -376,7 +384,7 @@ async fn throughput(o: &Opts, pair: &Pair) -> Result<serde_json::Value, Error> {
         ms(pct(&send_lat, 0.99))
     );
     println!(
-        "  fsynced commits on both nodes: {commits} ({:.0} messages per commit)",
+        "  fsyncs on both nodes (log + checkpoints): {commits} ({:.0} messages per fsync)",
         o.messages as f64 / commits.max(1) as f64
     );
     if let Some(cpu) = cpu {

@@ -429,7 +429,7 @@ async fn note_failure(d: &Delivery, outs: &[Arc<Outbound>], error: &str) {
         .write_lazy(move |txn| {
             let mut t = txn.open_table(OUT_STATUS)?;
             for (id, created) in &ids {
-                let mut p = Progress::load(&t, id, *created)?;
+                let mut p = Progress::load(&*t, id, *created)?;
                 if p.status.is_final() {
                     continue;
                 }
@@ -495,7 +495,7 @@ async fn apply_outcomes(
             let now = now_ms();
             for (out, outcome) in outs.iter().zip(outcomes) {
                 outbox.remove((node.as_str(), out.id.as_str()))?;
-                let mut p = Progress::load(&status, &out.id, out.created_at_ms)?;
+                let mut p = Progress::load(&*status, &out.id, out.created_at_ms)?;
                 if p.status.is_final() {
                     continue;
                 }
@@ -618,7 +618,7 @@ async fn expire(d: &Delivery, st: &mut State) {
             for (peer, item) in &gone {
                 outbox.remove((peer.to_string().as_str(), item.id.as_str()))?;
                 let created = ids::time_of(&item.id).unwrap_or(now);
-                let mut p = Progress::load(&status, &item.id, created)?;
+                let mut p = Progress::load(&*status, &item.id, created)?;
                 let detail = match &p.last_error {
                     Some(e) => format!("TTL elapsed before delivery (last error: {e})"),
                     None => "TTL elapsed before delivery".to_string(),

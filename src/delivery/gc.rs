@@ -10,12 +10,13 @@
 
 use std::ops::Bound;
 
-use redb::{ReadableTable, WriteTransaction};
+use redb::ReadableTable;
 use tracing::{debug, warn};
 
 use super::inbox::InboxTables;
 use super::records::{self, InboxRecord, InboxState, Progress};
 use super::{Delivery, Stats};
+use crate::store::Tx;
 use crate::store::tables::{IDEMPOTENCY, OUT_MESSAGES, OUT_STATUS, REPLIES};
 use crate::time::now_ms;
 use crate::wire::ReceiptKind;
@@ -89,14 +90,14 @@ fn advance<K: Clone>(rows: &[(K, Vec<u8>)], same: impl Fn(K) -> Cursor, next: Cu
 }
 
 fn inbox_chunk(
-    txn: &WriteTransaction,
+    txn: &Tx<'_>,
     after: &Option<(String, String)>,
     now: u64,
 ) -> Result<(GcReport, Due, Cursor), crate::store::Error> {
     let mut report = GcReport::default();
     let mut due = Vec::new();
     let mut t = InboxTables::open(txn)?;
-    let rows = pair_rows(&t.inbox, after)?;
+    let rows = pair_rows(&*t.inbox, after)?;
     for ((agent, id), v) in &rows {
         let rec: InboxRecord = records::decode("inbox", v)?;
         if rec.expires_at_ms > now {
@@ -128,13 +129,13 @@ fn inbox_chunk(
 }
 
 fn idempotency_chunk(
-    txn: &WriteTransaction,
+    txn: &Tx<'_>,
     after: &Option<(String, String)>,
     now: u64,
 ) -> Result<(GcReport, Cursor), crate::store::Error> {
     let mut report = GcReport::default();
     let mut idem = txn.open_table(IDEMPOTENCY)?;
-    let rows = pair_rows(&idem, after)?;
+    let rows = pair_rows(&*idem, after)?;
     for ((a, key), v) in &rows {
         let rec: records::IdemRecord = records::decode("idempotency", v)?;
         if rec.expires_at_ms <= now {
@@ -151,7 +152,7 @@ fn idempotency_chunk(
 }
 
 fn tracking_chunk(
-    txn: &WriteTransaction,
+    txn: &Tx<'_>,
     after: &Option<String>,
     now: u64,
     retention: u64,

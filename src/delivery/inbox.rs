@@ -67,7 +67,7 @@ impl Inboxes {
     }
 }
 
-type InboxTable<'t> = redb::Table<'t, (&'static str, &'static str), &'static [u8]>;
+type InboxTable<'t> = crate::store::Table<'t, (&'static str, &'static str), &'static [u8]>;
 
 /// The three tables an inbox entry's end touches, open in one write
 /// transaction.
@@ -78,7 +78,7 @@ pub(super) struct InboxTables<'t> {
 }
 
 impl<'t> InboxTables<'t> {
-    pub(super) fn open(txn: &'t redb::WriteTransaction) -> Result<Self, crate::store::Error> {
+    pub(super) fn open(txn: &crate::store::Tx<'t>) -> Result<Self, crate::store::Error> {
         Ok(InboxTables {
             inbox: txn.open_table(INBOX)?,
             messages: txn.open_table(INBOX_MESSAGES)?,
@@ -477,26 +477,25 @@ impl Delivery {
             .iter()
             .map(|(id, s)| (id.clone(), s.delivery_count, s.lease_until_ms))
             .collect();
-        let persist_leases =
-            move |txn: &redb::WriteTransaction| -> Result<(), crate::store::Error> {
-                let mut inbox = txn.open_table(INBOX)?;
-                for (id, count, until) in &leases {
-                    let Some(mut rec) = inbox
-                        .get((a.as_str(), id.as_str()))?
-                        .map(|v| records::decode::<InboxRecord>("inbox", v.value()))
-                        .transpose()?
-                    else {
-                        continue;
-                    };
-                    if rec.state != InboxState::Pending {
-                        continue;
-                    }
-                    rec.delivery_count = *count;
-                    rec.lease_until_ms = *until;
-                    inbox.insert((a.as_str(), id.as_str()), wire::encode(&rec).as_slice())?;
+        let persist_leases = move |txn: &crate::store::Tx<'_>| -> Result<(), crate::store::Error> {
+            let mut inbox = txn.open_table(INBOX)?;
+            for (id, count, until) in &leases {
+                let Some(mut rec) = inbox
+                    .get((a.as_str(), id.as_str()))?
+                    .map(|v| records::decode::<InboxRecord>("inbox", v.value()))
+                    .transpose()?
+                else {
+                    continue;
+                };
+                if rec.state != InboxState::Pending {
+                    continue;
                 }
-                Ok(())
-            };
+                rec.delivery_count = *count;
+                rec.lease_until_ms = *until;
+                inbox.insert((a.as_str(), id.as_str()), wire::encode(&rec).as_slice())?;
+            }
+            Ok(())
+        };
         if sel.dead.is_empty() && sel.expired.is_empty() {
             // A plain lease is written lazily and not waited for: the agent
             // gets its messages without a trip through the writer. Writes

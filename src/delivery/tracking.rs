@@ -115,7 +115,7 @@ impl Delivery {
                         continue;
                     }
                     let created = ids::time_of(id).unwrap_or(0);
-                    let mut p = Progress::load(&status, id, created)?;
+                    let mut p = Progress::load(&*status, id, created)?;
                     let at = rc.at_ms.min(now_ms());
                     let changed = match rc.kind {
                         ReceiptKind::Processed { result_json } => {

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 
 use ed25519_dalek::SigningKey;
-use redb::{ReadableTable, WriteTransaction};
+use redb::ReadableTable;
 use serde::{Deserialize, Serialize};
 
 use crate::identity::AgentId;
@@ -60,14 +60,14 @@ pub fn load(store: &Store) -> Result<HashMap<AgentId, LocalAgent>, store::Error>
 }
 
 /// Write (insert or replace) a local agent inside a transaction.
-pub fn put(txn: &WriteTransaction, a: &LocalAgent) -> Result<(), store::Error> {
+pub fn put(txn: &store::Tx<'_>, a: &LocalAgent) -> Result<(), store::Error> {
     txn.open_table(LOCAL_AGENTS)?
         .insert(a.id().as_str(), wire::encode(a).as_slice())?;
     Ok(())
 }
 
 /// Remove a local agent inside a transaction.
-pub fn remove(txn: &WriteTransaction, id: &AgentId) -> Result<(), store::Error> {
+pub fn remove(txn: &store::Tx<'_>, id: &AgentId) -> Result<(), store::Error> {
     txn.open_table(LOCAL_AGENTS)?.remove(id.as_str())?;
     Ok(())
 }

@@ -2,7 +2,10 @@
 //! and the schema is visible at a glance. Values are `wire`-encoded records
 //! owned by the module named beside each table.
 
-use redb::{TableDefinition, WriteTransaction};
+use redb::{TableDefinition, TableHandle, WriteTransaction};
+
+use super::Error;
+use super::tx::Op;
 
 /// Agents registered on this node, by agent id (`discovery::local`).
 pub(crate) const LOCAL_AGENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("local_agents");
@@ -33,18 +36,53 @@ pub(crate) const INBOX_MESSAGES: TableDefinition<(&str, &str), &[u8]> =
 pub(crate) const RECEIPTS_OUT: TableDefinition<(&str, &str), &[u8]> =
     TableDefinition::new("receipts_out");
 
+/// Every table, for `create_all` and the write-ahead log's replay.
+macro_rules! every_table {
+    ($apply:ident) => {
+        $apply!(
+            super::META,
+            LOCAL_AGENTS,
+            REGISTRY,
+            OUT_MESSAGES,
+            OUT_STATUS,
+            OUTBOX,
+            IDEMPOTENCY,
+            REPLIES,
+            INBOX,
+            INBOX_MESSAGES,
+            RECEIPTS_OUT
+        )
+    };
+}
+
+/// A table only the store's own tests write.
+#[cfg(test)]
+pub(crate) const TEST_TABLE: TableDefinition<u64, u64> = TableDefinition::new("test_t");
+
 /// Opens (and so creates) every table.
 pub(crate) fn create_all(txn: &WriteTransaction) -> Result<(), redb::TableError> {
-    txn.open_table(super::META)?;
-    txn.open_table(LOCAL_AGENTS)?;
-    txn.open_table(REGISTRY)?;
-    txn.open_table(OUT_MESSAGES)?;
-    txn.open_table(OUT_STATUS)?;
-    txn.open_table(OUTBOX)?;
-    txn.open_table(IDEMPOTENCY)?;
-    txn.open_table(REPLIES)?;
-    txn.open_table(INBOX)?;
-    txn.open_table(INBOX_MESSAGES)?;
-    txn.open_table(RECEIPTS_OUT)?;
+    macro_rules! create {
+        ($($t:expr),*) => { $( txn.open_table($t)?; )* };
+    }
+    every_table!(create);
     Ok(())
+}
+
+/// Applies one operation of a write-ahead log record to the table it names.
+pub(super) fn replay(txn: &WriteTransaction, op: &Op<'_>) -> Result<(), Error> {
+    macro_rules! find {
+        ($($t:expr),*) => {
+            $( if op.table == $t.name() { return super::tx::apply(txn, $t, op); } )*
+        };
+    }
+    every_table!(find);
+    #[cfg(test)]
+    find!(TEST_TABLE);
+    Err(Error::Corrupt {
+        table: "write-ahead log",
+        reason: format!(
+            "it writes to table {:?}, which this build does not know",
+            op.table
+        ),
+    })
 }

@@ -2,8 +2,9 @@
 
 use super::*;
 use redb::ReadableTableMetadata;
+use std::sync::atomic::Ordering;
 
-const T: TableDefinition<u64, u64> = TableDefinition::new("test_t");
+const T: TableDefinition<u64, u64> = tables::TEST_TABLE;
 
 #[tokio::test]
 async fn group_commit_applies_all_writes() {
@@ -141,5 +142,159 @@ fn newer_schema_refused() {
     assert!(
         matches!(err, OpenError::UnknownSchema { found: 99, .. }),
         "{err}"
+    );
+}
+
+/// Copy the data dir's files as they are on disk now, while the store is
+/// open: what a process killed at this instant leaves behind.
+fn snapshot(from: &Path) -> tempfile::TempDir {
+    let to = tempfile::tempdir().unwrap();
+    for name in [DB_FILE, wal::WAL_FILE] {
+        let src = from.join(name);
+        if src.exists() {
+            std::fs::copy(&src, to.path().join(name)).unwrap();
+        }
+    }
+    to
+}
+
+fn rows(store: &Store) -> Vec<(u64, u64)> {
+    let r = store.read().unwrap();
+    let t = r.open_table(T).unwrap();
+    t.iter()
+        .unwrap()
+        .map(|row| {
+            let (k, v) = row.unwrap();
+            (k.value(), v.value())
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn acknowledged_writes_survive_a_crash_through_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _w) = Store::open(dir.path()).unwrap();
+    for i in 0..50u64 {
+        store
+            .write(move |txn| {
+                txn.open_table(T)?.insert(i, i + 1)?;
+                Ok(())
+            })
+            .await
+            .unwrap();
+    }
+    store
+        .write(|txn| {
+            let mut t = txn.open_table(T)?;
+            for i in 0..10u64 {
+                t.remove(i)?;
+            }
+            // Replaced values are replayed as the last write.
+            t.insert(20, 999)?;
+            Ok(())
+        })
+        .await
+        .unwrap();
+    assert!(store.stats().wal_syncs.load(Ordering::Relaxed) > 0);
+    let expected = rows(&store);
+    assert_eq!(expected.len(), 40);
+
+    let copy = snapshot(dir.path());
+    let (reopened, w) = Store::open(copy.path()).unwrap();
+    assert_eq!(rows(&reopened), expected);
+    // Writes after the replay continue the log, and a second crash keeps
+    // both the replayed and the new writes.
+    reopened
+        .write(|txn| {
+            txn.open_table(T)?.insert(100, 100)?;
+            Ok(())
+        })
+        .await
+        .unwrap();
+    let copy2 = snapshot(copy.path());
+    drop(reopened);
+    w.join();
+    let (again, _w) = Store::open(copy2.path()).unwrap();
+    let got = rows(&again);
+    assert_eq!(got.len(), 41);
+    assert!(got.contains(&(100, 100)) && got.contains(&(20, 999)));
+}
+
+#[tokio::test]
+async fn a_clean_close_leaves_the_database_complete_without_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, w) = Store::open(dir.path()).unwrap();
+    store
+        .write(|txn| {
+            txn.open_table(T)?.insert(1, 2)?;
+            Ok(())
+        })
+        .await
+        .unwrap();
+    drop(store);
+    w.join();
+    std::fs::remove_file(dir.path().join(wal::WAL_FILE)).unwrap();
+    let (store, _w) = Store::open(dir.path()).unwrap();
+    assert_eq!(rows(&store), vec![(1, 2)]);
+}
+
+#[tokio::test]
+async fn rolled_back_batches_are_not_logged() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _w) = Store::open(dir.path()).unwrap();
+    let _ = store
+        .write(|txn| {
+            txn.open_table(T)?.insert(1, 1)?;
+            Err::<(), _>(Error::Corrupt {
+                table: "test_t",
+                reason: "injected".into(),
+            })
+        })
+        .await;
+    store
+        .write(|txn| {
+            txn.open_table(T)?.insert(2, 2)?;
+            Ok(())
+        })
+        .await
+        .unwrap();
+    let copy = snapshot(dir.path());
+    let (reopened, _w) = Store::open(copy.path()).unwrap();
+    assert_eq!(rows(&reopened), vec![(2, 2)]);
+}
+
+#[test]
+fn a_log_missing_records_is_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    open_and_close(dir.path());
+    // A log whose first record is far past the database's checkpoint.
+    let mut w = Wal::open(dir.path()).unwrap();
+    w.append(40, b"").unwrap();
+    w.sync().unwrap();
+    let err = Store::open(dir.path()).err().expect("a gap must not open");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("agentmesh.wal") && msg.contains("missing"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn a_log_naming_an_unknown_table_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    open_and_close(dir.path());
+    let mut payload = vec![7u8];
+    payload.extend_from_slice(b"nosuchx");
+    payload.push(2);
+    payload.extend_from_slice(&1u32.to_le_bytes());
+    payload.push(0);
+    let mut w = Wal::open(dir.path()).unwrap();
+    w.append(1, &payload).unwrap();
+    w.sync().unwrap();
+    let err = Store::open(dir.path()).err().expect("must not open");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("nosuchx") && msg.contains("does not know"),
+        "{msg}"
     );
 }
