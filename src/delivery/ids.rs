@@ -11,15 +11,28 @@ const ALPHABET: &[u8; 32] = b"0123456789ABCDEFGHJKMNPQRSTVWXYZ";
 pub const ID_LEN: usize = 26;
 
 /// Mints increasing ids.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct IdGen {
-    last: Mutex<u128>,
+    state: Mutex<State>,
 }
 
-impl Default for IdGen {
+/// Random bytes are fetched from the OS in blocks: one `getrandom` call
+/// per id was a syscall per message.
+const POOL: usize = 10 * 256;
+
+#[derive(Debug)]
+struct State {
+    last: u128,
+    pool: Box<[u8; POOL]>,
+    used: usize,
+}
+
+impl Default for State {
     fn default() -> Self {
-        IdGen {
-            last: Mutex::new(0),
+        State {
+            last: 0,
+            pool: Box::new([0; POOL]),
+            used: POOL,
         }
     }
 }
@@ -27,22 +40,26 @@ impl Default for IdGen {
 impl IdGen {
     /// A new id at time `now_ms`.
     pub fn next(&self, now_ms: u64) -> String {
-        let mut rnd = [0u8; 10];
-        // The OS RNG practically never fails; a zero random part still
-        // yields unique ids because of the monotonic bump below.
-        let _ = getrandom::fill(&mut rnd);
-        let mut r: u128 = 0;
-        for b in rnd {
-            r = (r << 8) | u128::from(b);
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if st.used + 10 > POOL {
+            // The OS RNG practically never fails; a zero random part still
+            // yields unique ids because of the monotonic bump below.
+            let _ = getrandom::fill(&mut st.pool[..]);
+            st.used = 0;
         }
+        let at = st.used;
+        st.used += 10;
+        let r = st.pool[at..at + 10]
+            .iter()
+            .fold(0u128, |r, &b| (r << 8) | u128::from(b));
         let candidate = (u128::from(now_ms & 0xFFFF_FFFF_FFFF) << 80) | r;
-        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
-        let v = if candidate > *last {
+        let v = if candidate > st.last {
             candidate
         } else {
-            *last + 1
+            st.last + 1
         };
-        *last = v;
+        st.last = v;
+        drop(st);
         encode(v)
     }
 }
@@ -98,5 +115,16 @@ mod tests {
         assert!(!is_valid("short"));
         assert!(!is_valid("01ARZ3NDEKTSV4RRFFQ69G5FAI")); // I is not in the alphabet
         assert!(!is_valid("81ARZ3NDEKTSV4RRFFQ69G5FAV")); // overflows 128 bits
+    }
+
+    #[test]
+    fn random_parts_stay_random_across_pool_refills() {
+        // Two generators at the same millisecond share no id, also after
+        // their pools were refilled several times.
+        let (a, b) = (IdGen::default(), IdGen::default());
+        let ours: std::collections::HashSet<String> = (0..1000).map(|_| a.next(7)).collect();
+        assert_eq!(ours.len(), 1000);
+        let clashes = (0..1000).filter(|_| ours.contains(&b.next(7))).count();
+        assert_eq!(clashes, 0);
     }
 }

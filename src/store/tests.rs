@@ -233,7 +233,13 @@ async fn a_clean_close_leaves_the_database_complete_without_the_log() {
         .unwrap();
     drop(store);
     w.join();
-    std::fs::remove_file(dir.path().join(wal::WAL_FILE)).unwrap();
+    let wal = dir.path().join(wal::WAL_FILE);
+    assert_eq!(
+        std::fs::metadata(&wal).unwrap().len(),
+        0,
+        "a clean close empties the log"
+    );
+    std::fs::remove_file(wal).unwrap();
     let (store, _w) = Store::open(dir.path()).unwrap();
     assert_eq!(rows(&store), vec![(1, 2)]);
 }

@@ -194,6 +194,15 @@ impl Wal {
         self.offset = 0;
     }
 
+    /// After the final checkpoint of a clean close: the log holds nothing
+    /// the database lacks, so it gives its space back.
+    pub fn truncate(&mut self) -> std::io::Result<()> {
+        self.file.set_len(0)?;
+        self.offset = 0;
+        self.written_end = 0;
+        Ok(())
+    }
+
     /// Zero-fill the file up to at least `end`, so later appends overwrite
     /// blocks that exist (their fsync need not persist a new size).
     fn extend(&mut self, end: u64) -> std::io::Result<()> {

@@ -203,7 +203,10 @@ impl Writer {
         if let Some(t) = self.syncer_thread.take() {
             let _ = t.join();
         }
-        if self.shared.broken().is_none() && self.next_lsn - 1 > self.checkpointed {
+        if self.shared.broken().is_some() {
+            return;
+        }
+        if self.next_lsn - 1 > self.checkpointed {
             let done = self
                 .db
                 .begin_write()
@@ -211,7 +214,11 @@ impl Writer {
                 .and_then(|txn| self.checkpoint(txn));
             if let Err(e) = done {
                 tracing::error!(error = %e, "final checkpoint failed; the write-ahead log will be replayed on the next start");
+                return;
             }
+        }
+        if let Err(e) = self.wal.truncate() {
+            tracing::warn!(error = %e, wal = %self.wal.path().display(), "cannot truncate the write-ahead log after the final checkpoint");
         }
     }
 
@@ -351,9 +358,16 @@ impl Writer {
         }
         let t = Instant::now();
         txn.commit()?;
+        let took = t.elapsed();
         self.stats
             .checkpoint_ns
-            .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            .fetch_add(took.as_nanos() as u64, Ordering::Relaxed);
+        tracing::debug!(
+            record = last,
+            log_bytes = self.wal.len(),
+            took_ms = took.as_secs_f64() * 1e3,
+            "checkpoint"
+        );
         self.checkpointed = last;
         self.unsynced = false;
         self.wal.reset();
