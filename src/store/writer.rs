@@ -27,9 +27,9 @@ use super::{Done, Error, Job, MAX_BATCH, META, OpenError, Tx, WriteStats, tables
 /// The last write-ahead log record the database holds (u64, LE).
 const META_WAL_CHECKPOINT: &str = "wal_checkpoint";
 /// Checkpoint once the log holds this much...
-const CHECKPOINT_BYTES: u64 = 32 * 1024 * 1024;
+const CHECKPOINT_BYTES: u64 = 8 * 1024 * 1024;
 /// ... or this long after the last checkpoint, whichever comes first.
-const CHECKPOINT_EVERY: Duration = Duration::from_secs(2);
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
 
 /// Read the checkpoint and apply the log records after it, in one durable
 /// transaction that also moves the checkpoint. Returns the checkpoint.
