@@ -26,10 +26,25 @@ use super::{Done, Error, Job, MAX_BATCH, META, OpenError, Tx, WriteStats, tables
 
 /// The last write-ahead log record the database holds (u64, LE).
 const META_WAL_CHECKPOINT: &str = "wal_checkpoint";
-/// Checkpoint once the log holds this much...
+/// Checkpoint once the log holds this much (a checkpoint blocks the writer
+/// for as long as redb takes to write and fsync what changed, so they are
+/// kept small)...
 const CHECKPOINT_BYTES: u64 = 8 * 1024 * 1024;
-/// ... or this long after the last checkpoint, whichever comes first.
+/// ... or this long after the last one, once the log holds `BUSY_BYTES`...
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
+const BUSY_BYTES: u64 = 1024 * 1024;
+/// ... or this long after the last one, whatever the log holds: a quiet
+/// node (lazy registry updates, the odd message) checkpoints rarely, since
+/// each checkpoint is an fsync of its own.
+const QUIET_CHECKPOINT_EVERY: Duration = Duration::from_secs(30);
+
+/// Whether a batch should be the checkpoint, given how much the log holds
+/// and how long ago the last checkpoint was.
+fn checkpoint_due(log_bytes: u64, since_last: Duration) -> bool {
+    log_bytes >= CHECKPOINT_BYTES
+        || (since_last >= CHECKPOINT_EVERY && log_bytes >= BUSY_BYTES)
+        || (since_last >= QUIET_CHECKPOINT_EVERY && log_bytes > 0)
+}
 
 /// Read the checkpoint and apply the log records after it, in one durable
 /// transaction that also moves the checkpoint. Returns the checkpoint.
@@ -230,8 +245,7 @@ impl Writer {
         }
         let durable = batch.iter().any(|j| j.durable);
         let checkpoint = self.next_lsn - 1 > self.checkpointed
-            && (self.wal.len() >= CHECKPOINT_BYTES
-                || self.last_checkpoint.elapsed() >= CHECKPOINT_EVERY);
+            && checkpoint_due(self.wal.len(), self.last_checkpoint.elapsed());
         let level = if checkpoint {
             Durability::Immediate
         } else {
@@ -421,5 +435,24 @@ impl Syncer {
                 done(result.clone());
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn busy_logs_checkpoint_often_and_quiet_ones_rarely() {
+        let ms = Duration::from_millis;
+        // Busy: by size, or by time once a megabyte is waiting.
+        assert!(checkpoint_due(CHECKPOINT_BYTES, ms(1)));
+        assert!(checkpoint_due(BUSY_BYTES, ms(500)));
+        assert!(!checkpoint_due(BUSY_BYTES, ms(499)));
+        // Quiet: a few lazy writes wait for the long interval.
+        assert!(!checkpoint_due(4096, ms(500)));
+        assert!(!checkpoint_due(4096, ms(29_999)));
+        assert!(checkpoint_due(4096, ms(30_000)));
+        assert!(!checkpoint_due(0, ms(60_000)));
     }
 }
