@@ -18,7 +18,7 @@
 //! write-ahead log (`store::wal`) and fsyncing that, not by redb's own
 //! fsync: the redb transaction commits with `Durability::None`. Once the
 //! log holds 8 MiB, or 1 MiB with half a second since the last checkpoint
-//! (on a quiet node, after 30 s), a batch commits durably instead, recording
+//! (on a quiet node, after 5 s), a batch commits durably instead, recording
 //! the last logged sequence number in the same transaction (a checkpoint),
 //! and the log starts again from the front. Opening replays the records
 //! after the checkpoint. Closures see a [`Tx`], whose tables record each

@@ -36,7 +36,7 @@ const BUSY_BYTES: u64 = 1024 * 1024;
 /// ... or this long after the last one, whatever the log holds: a quiet
 /// node (lazy registry updates, the odd message) checkpoints rarely, since
 /// each checkpoint is an fsync of its own.
-const QUIET_CHECKPOINT_EVERY: Duration = Duration::from_secs(30);
+const QUIET_CHECKPOINT_EVERY: Duration = Duration::from_secs(5);
 
 /// Whether a batch should be the checkpoint, given how much the log holds
 /// and how long ago the last checkpoint was.
@@ -451,8 +451,8 @@ mod tests {
         assert!(!checkpoint_due(BUSY_BYTES, ms(499)));
         // Quiet: a few lazy writes wait for the long interval.
         assert!(!checkpoint_due(4096, ms(500)));
-        assert!(!checkpoint_due(4096, ms(29_999)));
-        assert!(checkpoint_due(4096, ms(30_000)));
+        assert!(!checkpoint_due(4096, ms(4_999)));
+        assert!(checkpoint_due(4096, ms(5_000)));
         assert!(!checkpoint_due(0, ms(60_000)));
     }
 }
