@@ -270,6 +270,11 @@ async fn agents_on_one_node_talk_and_replies_are_linked() {
     let v = n.client.get(&format!("/v1/messages/{id}")).await.unwrap();
     assert_eq!(v["replies"], json!([reply_id]));
     assert_eq!(v["result"], json!("done"));
+    // Every durable write above went through the write-ahead log.
+    let syncs = metric(&n.client, "agentmesh_store_wal_syncs_total").await;
+    assert!(syncs.is_some_and(|s| s >= 1.0), "wal syncs: {syncs:?}");
+    let bytes = metric(&n.client, "agentmesh_store_wal_bytes_total").await;
+    assert!(bytes.is_some_and(|b| b > 0.0), "wal bytes: {bytes:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -105,6 +105,30 @@ pub async fn metrics(State(node): State<NodeHandle>) -> Result<impl IntoResponse
         "counter",
         stats.writes.load(std::sync::atomic::Ordering::Relaxed),
     );
+    for (name, help, v) in [
+        (
+            "agentmesh_store_wal_syncs_total",
+            "fsyncs of the write-ahead log (each makes every commit before it durable).",
+            &stats.wal_syncs,
+        ),
+        (
+            "agentmesh_store_wal_bytes_total",
+            "Bytes appended to the write-ahead log.",
+            &stats.wal_bytes,
+        ),
+        (
+            "agentmesh_store_checkpoints_total",
+            "Durable redb commits after which the write-ahead log starts again.",
+            &stats.checkpoints,
+        ),
+    ] {
+        gauge(
+            name,
+            help,
+            "counter",
+            v.load(std::sync::atomic::Ordering::Relaxed),
+        );
+    }
     gauge(
         "agentmesh_foreign_peers_rejected_total",
         "Peers of another mesh identified and turned away.",
