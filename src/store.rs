@@ -180,6 +180,7 @@ pub struct Store {
     jobs: mpsc::Sender<Job>,
     stats: Arc<WriteStats>,
     path: Arc<PathBuf>,
+    shared: Arc<writer::Shared>,
 }
 
 /// Joins the writer thread; held by the node so shutdown can wait until the
@@ -215,13 +216,13 @@ impl Store {
         let db = Arc::new(db);
         let (tx, rx) = mpsc::channel(WRITE_QUEUE);
         let stats = Arc::new(WriteStats::default());
+        let shared = Arc::new(writer::Shared::default());
         let writer =
-            writer::Writer::new(db.clone(), wal, checkpoint, stats.clone()).map_err(|e| {
-                OpenError::Storage {
+            writer::Writer::new(db.clone(), wal, checkpoint, stats.clone(), shared.clone())
+                .map_err(|e| OpenError::Storage {
                     path: wal_path,
                     source: redb::Error::Io(e),
-                }
-            })?;
+                })?;
         let handle = std::thread::Builder::new()
             .name("agentmesh-store".into())
             .spawn(move || writer.run(rx))
@@ -235,9 +236,17 @@ impl Store {
                 jobs: tx,
                 stats,
                 path: Arc::new(path),
+                shared,
             },
             WriterThread(Some(handle)),
         ))
+    }
+
+    /// Why the store refuses writes, if it does: the write-ahead log could
+    /// not be written or fsynced, and only a restart (which replays the
+    /// log) recovers.
+    pub fn failure(&self) -> Option<Error> {
+        self.shared.broken()
     }
 
     /// Path of the database file.

@@ -2,6 +2,7 @@
 
 use axum::Json;
 use axum::extract::State;
+use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use serde::Serialize;
 use serde_json::{Value, json};
@@ -9,8 +10,17 @@ use serde_json::{Value, json};
 use super::ApiError;
 use crate::node::NodeHandle;
 
-pub async fn healthz() -> Json<Value> {
-    Json(json!({"status": "ok"}))
+/// `200 {"status":"ok"}`, or `503 {"status":"failing","error":…}` once the
+/// store refuses writes (a failed write-ahead log write or fsync): the node
+/// must be restarted.
+pub async fn healthz(State(node): State<NodeHandle>) -> (StatusCode, Json<Value>) {
+    match node.store().failure() {
+        None => (StatusCode::OK, Json(json!({"status": "ok"}))),
+        Some(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "failing", "error": e.to_string()})),
+        ),
+    }
 }
 
 #[derive(Serialize)]

@@ -304,3 +304,31 @@ fn a_log_naming_an_unknown_table_is_refused() {
         "{msg}"
     );
 }
+
+#[tokio::test]
+async fn after_a_log_failure_every_write_fails_and_the_store_says_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _w) = Store::open(dir.path()).unwrap();
+    store
+        .write(|txn| {
+            txn.open_table(T)?.insert(1, 1)?;
+            Ok(())
+        })
+        .await
+        .unwrap();
+    assert!(store.failure().is_none());
+    // What the writer records when an append or fsync fails.
+    store
+        .shared
+        .fail(dir.path(), "fsyncing the write-ahead log", &"injected");
+    let err = store
+        .write(|txn| {
+            txn.open_table(T)?.insert(2, 2)?;
+            Ok(())
+        })
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("refuses further writes"), "{err}");
+    assert!(store.failure().is_some());
+    assert!(rows(&store).iter().all(|(k, _)| *k != 2));
+}

@@ -112,9 +112,9 @@ fn write_checkpoint(txn: &WriteTransaction, lsn: u64) -> Result<(), Error> {
     Ok(())
 }
 
-/// State the writer and the syncer share.
+/// State the writer, the syncer and every `Store` handle share.
 #[derive(Default)]
-struct Shared {
+pub(super) struct Shared {
     /// Set when the log could not be written or fsynced after its
     /// transaction was applied: the database and the log may disagree, so
     /// every later write fails until the node restarts (and replays the log).
@@ -122,14 +122,19 @@ struct Shared {
 }
 
 impl Shared {
-    fn broken(&self) -> Option<Error> {
+    pub(super) fn broken(&self) -> Option<Error> {
         self.broken
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
     }
 
-    fn fail(&self, wal: &std::path::Path, doing: &str, e: &dyn std::fmt::Display) -> Error {
+    pub(super) fn fail(
+        &self,
+        wal: &std::path::Path,
+        doing: &str,
+        e: &dyn std::fmt::Display,
+    ) -> Error {
         let err = Error::Storage(Arc::new(redb::Error::Io(std::io::Error::other(format!(
             "{doing} ({}) failed: {e}; this node refuses further writes until it is restarted",
             wal.display()
@@ -165,9 +170,9 @@ impl Writer {
         mut wal: Wal,
         checkpoint: u64,
         stats: Arc<WriteStats>,
+        shared: Arc<Shared>,
     ) -> std::io::Result<Writer> {
         wal.reset();
-        let shared = Arc::new(Shared::default());
         let (tx, rx) = std::sync::mpsc::channel();
         let syncer = Syncer {
             file: wal.file()?,
