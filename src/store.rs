@@ -64,7 +64,7 @@ pub enum OpenError {
     InUse(PathBuf),
     /// The file is not a readable redb database.
     #[error(
-        "database {path} is corrupt or not a redb file: {reason}; refusing to start (move it aside to start afresh)"
+        "database {path} is corrupt or not a redb file: {reason}; refusing to start (move it aside, with agentmesh.wal beside it, to start afresh)"
     )]
     Corrupt {
         /// The file.

@@ -376,7 +376,15 @@ impl Writer {
             return Err(e);
         }
         let t = Instant::now();
-        txn.commit()?;
+        if let Err(e) = txn.commit() {
+            // Whether the checkpoint reached the disk is unknown. Logging
+            // on at the current offset would put new records behind older
+            // ones that a durable checkpoint made stale, where replay
+            // would never reach them; stopping is the safe answer.
+            return Err(self
+                .shared
+                .fail(self.wal.path(), "committing a checkpoint", &e));
+        }
         let took = t.elapsed();
         self.stats
             .checkpoint_ns
