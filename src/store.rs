@@ -269,8 +269,11 @@ impl Store {
         self.submit(true, f).await
     }
 
-    /// Write without forcing an fsync: persisted by the next durable commit
-    /// (or lost in a crash before it). For caches that can be rebuilt.
+    /// Write without forcing an fsync: the write is appended to the
+    /// write-ahead log, and the next fsync of the log (any durable write's)
+    /// or the next checkpoint makes it durable. A power loss before then
+    /// loses it; a killed process does not, since the log's pages are in
+    /// the page cache. For state that can be rebuilt or may be lost.
     pub async fn write_lazy<R, F>(&self, f: F) -> Result<R, Error>
     where
         R: Send + 'static,
