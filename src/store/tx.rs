@@ -68,23 +68,13 @@ impl<K: Key + 'static, V: Value + 'static> Table<'_, K, V> {
         key: impl Borrow<K::SelfType<'k>>,
         value: impl Borrow<V::SelfType<'v>>,
     ) -> Result<Option<AccessGuard<'_, V>>, StorageError> {
-        let mut log = self.log.borrow_mut();
-        let mark = log.len();
-        push_op(
-            &mut log,
-            self.def.name(),
-            INSERT,
+        let mark = self.record(
             K::as_bytes(key.borrow()).as_ref(),
+            Some(V::as_bytes(value.borrow()).as_ref()),
         );
-        {
-            let value_bytes = V::as_bytes(value.borrow());
-            let value_bytes = value_bytes.as_ref();
-            log.extend_from_slice(&(value_bytes.len() as u32).to_le_bytes());
-            log.extend_from_slice(value_bytes);
-        }
         let result = self.inner.insert(key, value);
         if result.is_err() {
-            log.truncate(mark);
+            self.log.borrow_mut().truncate(mark);
         }
         result
     }
@@ -94,30 +84,31 @@ impl<K: Key + 'static, V: Value + 'static> Table<'_, K, V> {
         &mut self,
         key: impl Borrow<K::SelfType<'k>>,
     ) -> Result<Option<AccessGuard<'_, V>>, StorageError> {
-        let mut log = self.log.borrow_mut();
-        let mark = log.len();
-        push_op(
-            &mut log,
-            self.def.name(),
-            REMOVE,
-            K::as_bytes(key.borrow()).as_ref(),
-        );
+        let mark = self.record(K::as_bytes(key.borrow()).as_ref(), None);
         let result = self.inner.remove(key);
         if !matches!(result, Ok(Some(_))) {
             // Nothing removed (or a failure): nothing to replay.
-            log.truncate(mark);
+            self.log.borrow_mut().truncate(mark);
         }
         result
     }
-}
 
-fn push_op(log: &mut Vec<u8>, table: &str, kind: u8, key: &[u8]) {
-    debug_assert!(table.len() <= u8::MAX as usize, "table names are short");
-    log.push(table.len() as u8);
-    log.extend_from_slice(table.as_bytes());
-    log.push(kind);
-    log.extend_from_slice(&(key.len() as u32).to_le_bytes());
-    log.extend_from_slice(key);
+    /// Append an insert (`value` given) or a remove to the batch's record;
+    /// returns where it starts, to take it back if redb refuses the write.
+    fn record(&self, key: &[u8], value: Option<&[u8]>) -> usize {
+        let table = self.def.name();
+        debug_assert!(table.len() <= u8::MAX as usize, "table names are short");
+        let mut log = self.log.borrow_mut();
+        let mark = log.len();
+        log.push(table.len() as u8);
+        log.extend_from_slice(table.as_bytes());
+        log.push(if value.is_some() { INSERT } else { REMOVE });
+        for part in std::iter::once(key).chain(value) {
+            log.extend_from_slice(&(part.len() as u32).to_le_bytes());
+            log.extend_from_slice(part);
+        }
+        mark
+    }
 }
 
 /// One operation of a record.

@@ -209,9 +209,6 @@ impl Writer {
                 }
             }
             let n = batch.len() as u64;
-            if batch.iter().any(|j| j.durable) {
-                self.stats.durable_commits.fetch_add(1, Ordering::Relaxed);
-            }
             self.run_batch(&mut batch);
             self.stats.commits.fetch_add(1, Ordering::Relaxed);
             self.stats.writes.fetch_add(n, Ordering::Relaxed);
@@ -307,29 +304,24 @@ impl Writer {
                 Err(Error::BatchAborted(err.to_string()))
             }
             None if checkpoint => self.checkpoint(txn),
-            None => match self.logged_commit(txn) {
-                Ok(()) if durable && self.unsynced => {
-                    // The syncer answers once the log is on disk.
-                    self.unsynced = false;
-                    if let Err(std::sync::mpsc::SendError(dones)) = self.syncer.send(dones) {
-                        let e = self.shared.fail(
-                            self.wal.path(),
-                            "handing a commit to the fsync thread",
-                            &"it has stopped",
-                        );
-                        dones.into_iter().for_each(|d| d(Err(e.clone())));
-                    }
-                    self.stats
-                        .commit_ns
-                        .fetch_add(applied.elapsed().as_nanos() as u64, Ordering::Relaxed);
-                    return;
-                }
-                other => other,
-            },
+            None => self.logged_commit(txn),
         };
         self.stats
             .commit_ns
             .fetch_add(applied.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        if result.is_ok() && durable && self.unsynced {
+            // The syncer answers once the log is on disk.
+            self.unsynced = false;
+            if let Err(std::sync::mpsc::SendError(dones)) = self.syncer.send(dones) {
+                let e = self.shared.fail(
+                    self.wal.path(),
+                    "handing a commit to the fsync thread",
+                    &"it has stopped",
+                );
+                dones.into_iter().for_each(|d| d(Err(e.clone())));
+            }
+            return;
+        }
         if let Err(e) = &result {
             tracing::error!(error = %e, "group commit did not commit");
         }
@@ -353,7 +345,6 @@ impl Writer {
             }
             self.next_lsn += 1;
             self.unsynced = true;
-            self.stats.wal_records.fetch_add(1, Ordering::Relaxed);
             self.stats
                 .wal_bytes
                 .fetch_add(log.len() as u64 + wal::HEADER as u64, Ordering::Relaxed);
