@@ -26,7 +26,6 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use libp2p::{Multiaddr, PeerId};
-use redb::ReadableTable;
 use tracing::{debug, warn};
 
 use crate::config::DiscoveryConfig;

@@ -30,16 +30,20 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
-use redb::{Database, ReadTransaction, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadableTable, TableDefinition};
 use tokio::sync::{mpsc, oneshot};
 
+mod flush;
+mod mem;
 mod migrate;
 pub mod tables;
 mod tx;
+mod view;
 pub mod wal;
 mod writer;
 
 pub use tx::{Table, Tx};
+pub use view::{Got, Read, Row, Rows, View};
 use wal::Wal;
 
 /// File name of the database inside the data dir.
@@ -64,7 +68,7 @@ pub enum OpenError {
     InUse(PathBuf),
     /// The file is not a readable redb database.
     #[error(
-        "database {path} is corrupt or not a redb file: {reason}; refusing to start (move it aside, with agentmesh.wal beside it, to start afresh)"
+        "database {path} is corrupt or not a redb file: {reason}; refusing to start (move it aside, with the agentmesh.wal files beside it, to start afresh)"
     )]
     Corrupt {
         /// The file.
@@ -211,15 +215,19 @@ impl Store {
                 source: redb::Error::Io(e),
             }
         };
-        let wal = Wal::open(data_dir).map_err(io(&data_dir.join(wal::WAL_FILE)))?;
-        let checkpoint = writer::recover(&db, &wal)?;
-        let wal_path = wal.path().to_path_buf();
+        let [a, b] = wal::WAL_FILES;
+        let wals = [
+            Wal::open(data_dir, a).map_err(io(&data_dir.join(a)))?,
+            Wal::open(data_dir, b).map_err(io(&data_dir.join(b)))?,
+        ];
+        let checkpoint = flush::recover(&db, &wals)?;
+        let wal_path = wals[0].path().to_path_buf();
         let db = Arc::new(db);
         let (tx, rx) = mpsc::channel(WRITE_QUEUE);
         let stats = Arc::new(WriteStats::default());
         let shared = Arc::new(writer::Shared::default());
         let writer =
-            writer::Writer::new(db.clone(), wal, checkpoint, stats.clone(), shared.clone())
+            writer::Writer::new(db.clone(), wals, checkpoint, stats.clone(), shared.clone())
                 .map_err(io(&wal_path))?;
         let handle = std::thread::Builder::new()
             .name("agentmesh-store".into())
@@ -249,9 +257,10 @@ impl Store {
         &self.path
     }
 
-    /// A read snapshot. Cheap; do not hold it across long awaits.
-    pub fn read(&self) -> Result<ReadTransaction, Error> {
-        Ok(self.db.begin_read()?)
+    /// A read snapshot (see `store::view`). Cheap; do not hold it across
+    /// long awaits.
+    pub fn read(&self) -> Result<Read, Error> {
+        self.shared.snapshot(&self.db)
     }
 
     /// Write durably: resolves once the transaction holding this write is

@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use libp2p::PeerId;
-use redb::ReadableTable;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, warn};
@@ -72,9 +71,9 @@ impl Replay {
     pub(crate) fn load(d: &Delivery) -> Result<Replay, Error> {
         let r = d.inner.store.read()?;
         let mut messages = Vec::new();
-        let outbox = r.open_table(OUTBOX).map_err(crate::store::Error::from)?;
-        for row in outbox.iter().map_err(crate::store::Error::from)? {
-            let (k, v) = row.map_err(crate::store::Error::from)?;
+        let outbox = r.open_table(OUTBOX)?;
+        for row in outbox.iter()? {
+            let (k, v) = row?;
             let (node, id) = k.value();
             let (expires_at_ms, size) = v.value();
             match node.parse::<PeerId>() {
@@ -91,11 +90,9 @@ impl Replay {
             }
         }
         let mut receipts = Vec::new();
-        let table = r
-            .open_table(RECEIPTS_OUT)
-            .map_err(crate::store::Error::from)?;
-        for row in table.iter().map_err(crate::store::Error::from)? {
-            let (k, _) = row.map_err(crate::store::Error::from)?;
+        let table = r.open_table(RECEIPTS_OUT)?;
+        for row in table.iter()? {
+            let (k, _) = row?;
             let (node, id) = k.value();
             if let Ok(peer) = node.parse::<PeerId>() {
                 receipts.push((
@@ -429,7 +426,7 @@ async fn note_failure(d: &Delivery, outs: &[Arc<Outbound>], error: &str) {
         .write_lazy(move |txn| {
             let mut t = txn.open_table(OUT_STATUS)?;
             for (id, created) in &ids {
-                let mut p = Progress::load(&*t, id, *created)?;
+                let mut p = Progress::load(&t, id, *created)?;
                 if p.status.is_final() {
                     continue;
                 }
@@ -495,7 +492,7 @@ async fn apply_outcomes(
             let now = now_ms();
             for (out, outcome) in outs.iter().zip(outcomes) {
                 outbox.remove((node.as_str(), out.id.as_str()))?;
-                let mut p = Progress::load(&*status, &out.id, out.created_at_ms)?;
+                let mut p = Progress::load(&status, &out.id, out.created_at_ms)?;
                 if p.status.is_final() {
                     continue;
                 }
@@ -618,7 +615,7 @@ async fn expire(d: &Delivery, st: &mut State) {
             for (peer, item) in &gone {
                 outbox.remove((peer.to_string().as_str(), item.id.as_str()))?;
                 let created = ids::time_of(&item.id).unwrap_or(now);
-                let mut p = Progress::load(&*status, &item.id, created)?;
+                let mut p = Progress::load(&status, &item.id, created)?;
                 let detail = match &p.last_error {
                     Some(e) => format!("TTL elapsed before delivery (last error: {e})"),
                     None => "TTL elapsed before delivery".to_string(),

@@ -10,7 +10,6 @@
 
 use std::ops::Bound;
 
-use redb::ReadableTable;
 use tracing::{debug, warn};
 
 use super::inbox::InboxTables;
@@ -61,8 +60,8 @@ type Due = Vec<(String, String, String)>;
 type PairRows = Vec<((String, String), Vec<u8>)>;
 
 /// The rows of a two-part-key table after `after`, at most `CHUNK` of them.
-fn pair_rows<T: ReadableTable<(&'static str, &'static str), &'static [u8]>>(
-    table: &T,
+fn pair_rows(
+    table: &crate::store::View<'_, (&'static str, &'static str), &'static [u8]>,
     after: &Option<(String, String)>,
 ) -> Result<PairRows, crate::store::Error> {
     let start = match after {
@@ -97,7 +96,7 @@ fn inbox_chunk(
     let mut report = GcReport::default();
     let mut due = Vec::new();
     let mut t = InboxTables::open(txn)?;
-    let rows = pair_rows(&*t.inbox, after)?;
+    let rows = pair_rows(&t.inbox, after)?;
     for ((agent, id), v) in &rows {
         let rec: InboxRecord = records::decode("inbox", v)?;
         if rec.expires_at_ms > now {
@@ -135,7 +134,7 @@ fn idempotency_chunk(
 ) -> Result<(GcReport, Cursor), crate::store::Error> {
     let mut report = GcReport::default();
     let mut idem = txn.open_table(IDEMPOTENCY)?;
-    let rows = pair_rows(&*idem, after)?;
+    let rows = pair_rows(&idem, after)?;
     for ((a, key), v) in &rows {
         let rec: records::IdemRecord = records::decode("idempotency", v)?;
         if rec.expires_at_ms <= now {
@@ -317,7 +316,6 @@ mod tests {
         let (r, steps) = walk(&store, Cursor::Tracking(None), 1_000, 100).await;
         assert_eq!((r.tracking, steps), (spent, 3));
         let read = store.read().unwrap();
-        use redb::ReadableTableMetadata;
         assert_eq!(
             read.open_table(IDEMPOTENCY).unwrap().len().unwrap() as usize,
             n - spent

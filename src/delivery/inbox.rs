@@ -10,7 +10,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use libp2p::PeerId;
-use redb::ReadableTable;
 use tokio::sync::Notify;
 use tracing::warn;
 
@@ -110,6 +109,9 @@ impl<'t> InboxTables<'t> {
         kind: ReceiptKind,
         at_ms: u64,
     ) -> Result<String, crate::store::Error> {
+        // A message ends once: ending a pending one queues the first and
+        // only receipt under its key.
+        let first = rec.state == InboxState::Pending;
         rec.state = state;
         rec.lease_until_ms = 0;
         self.inbox
@@ -120,10 +122,12 @@ impl<'t> InboxTables<'t> {
             kind,
             at_ms,
         };
-        self.receipts.insert(
-            (rec.from_node.as_str(), id),
-            wire::encode(&receipt).as_slice(),
-        )?;
+        let (key, value) = ((rec.from_node.as_str(), id), wire::encode(&receipt));
+        if first {
+            self.receipts.insert_new(key, value.as_slice())?;
+        } else {
+            self.receipts.insert(key, value.as_slice())?;
+        }
         Ok(rec.from_node)
     }
 }
@@ -169,10 +173,10 @@ impl Delivery {
     /// Rebuild the pending index from the database.
     pub(crate) fn load_inboxes(&self) -> Result<(), Error> {
         let r = self.inner.store.read()?;
-        let t = r.open_table(INBOX).map_err(crate::store::Error::from)?;
+        let t = r.open_table(INBOX)?;
         let mut boxes = self.inner.inboxes.lock();
-        for row in t.iter().map_err(crate::store::Error::from)? {
-            let (k, v) = row.map_err(crate::store::Error::from)?;
+        for row in t.iter()? {
+            let (k, v) = row?;
             let (agent, id) = k.value();
             let rec: InboxRecord = records::decode("inbox", v.value())?;
             if rec.state != InboxState::Pending {
@@ -354,18 +358,16 @@ impl Delivery {
                         lease_until_ms: 0,
                         expires_at_ms: a.expires_at_ms,
                     };
-                    // One lookup: insert, and should the id be there already
-                    // (a retry), put the earlier record back.
-                    let earlier = inbox
-                        .insert(key, wire::encode(&rec).as_slice())?
-                        .map(|v| v.value().to_vec());
-                    if let Some(earlier) = earlier {
-                        inbox.insert(key, earlier.as_slice())?;
+                    // A retry of a message stored earlier keeps its record.
+                    if inbox.get(key)?.is_some() {
                         outcomes.push(Outcome::Duplicate);
                         continue;
                     }
+                    // Neither row exists (the envelope row never outlives
+                    // the inbox row), so a quick ack leaves no trace in redb.
+                    inbox.insert_new(key, wire::encode(&rec).as_slice())?;
                     // The bytes as the sender encoded them (decoded and checked).
-                    messages.insert(key, a.bytes.as_slice())?;
+                    messages.insert_new(key, a.bytes.as_slice())?;
                     if let Some(orig) = &a.reply_to {
                         replies.insert((orig.as_str(), a.id.as_str()), ())?;
                     }
@@ -563,15 +565,10 @@ impl Delivery {
         leased: Vec<(String, Slot)>,
     ) -> Result<Vec<InboxMessage>, Error> {
         let r = self.inner.store.read()?;
-        let t = r
-            .open_table(INBOX_MESSAGES)
-            .map_err(crate::store::Error::from)?;
+        let t = r.open_table(INBOX_MESSAGES)?;
         let mut out = Vec::with_capacity(leased.len());
         for (id, slot) in leased {
-            let Some(v) = t
-                .get((agent.as_str(), id.as_str()))
-                .map_err(crate::store::Error::from)?
-            else {
+            let Some(v) = t.get((agent.as_str(), id.as_str()))? else {
                 continue;
             };
             out.push(InboxMessage {

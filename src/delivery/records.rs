@@ -166,8 +166,8 @@ impl Progress {
 
     /// The stored progress of message `id` (queued at `created_at_ms`
     /// when none is stored yet).
-    pub fn load<T: redb::ReadableTable<&'static str, &'static [u8]>>(
-        table: &T,
+    pub fn load(
+        table: &store::View<'_, &'static str, &'static [u8]>,
         id: &str,
         created_at_ms: u64,
     ) -> Result<Self, store::Error> {

@@ -5,7 +5,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use libp2p::PeerId;
-use redb::ReadableTable;
 
 use super::queue::{Cached, Item, Outbound};
 
@@ -186,11 +185,12 @@ impl Delivery {
                     )?;
                 }
                 // No `OUT_STATUS` row yet: a message without one is queued.
+                // The ids are new, so the rows are too.
                 let mut msgs = txn.open_table(OUT_MESSAGES)?;
                 let mut outbox = txn.open_table(OUTBOX)?;
                 for (out, record, to_node) in &rows {
-                    msgs.insert(out.id.as_str(), record.as_slice())?;
-                    outbox.insert(
+                    msgs.insert_new(out.id.as_str(), record.as_slice())?;
+                    outbox.insert_new(
                         (to_node.as_str(), out.id.as_str()),
                         (out.expires_at_ms, out.bytes.len() as u64),
                     )?;
@@ -272,13 +272,8 @@ impl Delivery {
         now: u64,
     ) -> Result<Option<Sent>, Error> {
         let r = self.inner.store.read()?;
-        let t = r
-            .open_table(IDEMPOTENCY)
-            .map_err(crate::store::Error::from)?;
-        let Some(v) = t
-            .get((from.as_str(), key))
-            .map_err(crate::store::Error::from)?
-        else {
+        let t = r.open_table(IDEMPOTENCY)?;
+        let Some(v) = t.get((from.as_str(), key))? else {
             return Ok(None);
         };
         let prev: IdemRecord = records::decode("idempotency", v.value())?;

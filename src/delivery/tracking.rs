@@ -1,7 +1,6 @@
 //! The sender's view: status queries, and receipts from recipients' nodes.
 
 use libp2p::PeerId;
-use redb::ReadableTable;
 use tracing::debug;
 
 use super::records::{self, HistoryEntry, Progress, Status, Tracking};
@@ -26,13 +25,9 @@ impl Delivery {
     /// Status and history of a message sent from this node.
     pub fn message(&self, id: &str) -> Result<MessageView, Error> {
         let r = self.inner.store.read()?;
-        let e = |e: redb::StorageError| Error::Store(e.into());
-        let msgs = r
-            .open_table(OUT_MESSAGES)
-            .map_err(crate::store::Error::from)?;
-        let status = r
-            .open_table(OUT_STATUS)
-            .map_err(crate::store::Error::from)?;
+        let e = Error::Store;
+        let msgs = r.open_table(OUT_MESSAGES)?;
+        let status = r.open_table(OUT_STATUS)?;
         let Some(stored) = msgs.get(id).map_err(e)? else {
             return Err(Error::UnknownMessage(id.to_string()));
         };
@@ -53,10 +48,10 @@ impl Delivery {
     /// Ids of known replies to a message, oldest first.
     pub fn replies_to(&self, id: &str) -> Result<Vec<String>, Error> {
         let r = self.inner.store.read()?;
-        let t = r.open_table(REPLIES).map_err(crate::store::Error::from)?;
+        let t = r.open_table(REPLIES)?;
         let mut out = Vec::new();
-        for row in t.range((id, "")..).map_err(crate::store::Error::from)? {
-            let (k, _) = row.map_err(crate::store::Error::from)?;
+        for row in t.range((id, "")..)? {
+            let (k, _) = row?;
             let (orig, reply) = k.value();
             if orig != id {
                 break;
@@ -115,7 +110,7 @@ impl Delivery {
                         continue;
                     }
                     let created = ids::time_of(id).unwrap_or(0);
-                    let mut p = Progress::load(&*status, id, created)?;
+                    let mut p = Progress::load(&status, id, created)?;
                     let at = rc.at_ms.min(now_ms());
                     let changed = match rc.kind {
                         ReceiptKind::Processed { result_json } => {

@@ -4,7 +4,6 @@
 use std::collections::HashMap;
 
 use ed25519_dalek::SigningKey;
-use redb::ReadableTable;
 use serde::{Deserialize, Serialize};
 
 use crate::identity::AgentId;

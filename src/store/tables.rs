@@ -2,10 +2,10 @@
 //! and the schema is visible at a glance. Values are `wire`-encoded records
 //! owned by the module named beside each table.
 
-use redb::{TableDefinition, TableHandle, WriteTransaction};
+use redb::{Key, TableDefinition, TableHandle, Value, WriteTransaction};
 
 use super::Error;
-use super::tx::Op;
+use super::mem::{Cmp, Rows};
 
 /// Agents registered on this node, by agent id (`discovery::local`).
 pub(crate) const LOCAL_AGENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("local_agents");
@@ -68,11 +68,28 @@ pub(crate) fn create_all(txn: &WriteTransaction) -> Result<(), redb::TableError>
     Ok(())
 }
 
-/// Applies one operation of a write-ahead log record to the table it names.
-pub(super) fn replay(txn: &WriteTransaction, op: &Op<'_>) -> Result<(), Error> {
+/// The key order of the table called `name`, for putting logged
+/// operations into a memtable.
+pub(super) fn order(name: &str) -> Option<Cmp> {
+    fn of<K: Key + 'static, V: Value + 'static>(_: TableDefinition<'static, K, V>) -> Cmp {
+        K::compare
+    }
     macro_rules! find {
         ($($t:expr),*) => {
-            $( if op.table == $t.name() { return super::tx::apply(txn, $t, op); } )*
+            $( if name == $t.name() { return Some(of($t)); } )*
+        };
+    }
+    every_table!(find);
+    #[cfg(test)]
+    find!(TEST_TABLE);
+    None
+}
+
+/// Applies a memtable's rows of one table to redb.
+pub(super) fn flush(txn: &WriteTransaction, rows: &Rows) -> Result<(), Error> {
+    macro_rules! find {
+        ($($t:expr),*) => {
+            $( if &*rows.name == $t.name() { return super::tx::apply(txn, $t, rows); } )*
         };
     }
     every_table!(find);
@@ -82,7 +99,7 @@ pub(super) fn replay(txn: &WriteTransaction, op: &Op<'_>) -> Result<(), Error> {
         table: "write-ahead log",
         reason: format!(
             "it writes to table {:?}, which this build does not know",
-            op.table
+            rows.name
         ),
     })
 }

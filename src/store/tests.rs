@@ -1,7 +1,6 @@
 //! Tests of the database handle and the group committer.
 
 use super::*;
-use redb::ReadableTableMetadata;
 use std::sync::atomic::Ordering;
 
 const T: TableDefinition<u64, u64> = tables::TEST_TABLE;
@@ -30,7 +29,8 @@ async fn group_commit_applies_all_writes() {
     let t = r.open_table(T).unwrap();
     assert_eq!(t.len().unwrap(), 500);
     assert_eq!(t.get(7).unwrap().unwrap().value(), 14);
-    drop((t, r, store));
+    drop(t);
+    drop((r, store));
     writer.join();
 }
 
@@ -49,10 +49,7 @@ async fn detached_writes_apply_before_later_writes() {
     }
     // A durable write queued after them sees all of them, and its
     // commit persists them.
-    let seen = store
-        .write(|txn| Ok(txn.open_table(T)?.len()?))
-        .await
-        .unwrap();
+    let seen = store.write(|txn| txn.open_table(T)?.len()).await.unwrap();
     assert_eq!(seen, 100);
     drop(store);
     writer.join();
@@ -149,7 +146,8 @@ fn newer_schema_refused() {
 /// open: what a process killed at this instant leaves behind.
 fn snapshot(from: &Path) -> tempfile::TempDir {
     let to = tempfile::tempdir().unwrap();
-    for name in [DB_FILE, wal::WAL_FILE] {
+    let [a, b] = wal::WAL_FILES;
+    for name in [DB_FILE, a, b] {
         let src = from.join(name);
         if src.exists() {
             std::fs::copy(&src, to.path().join(name)).unwrap();
@@ -274,7 +272,7 @@ fn a_log_missing_records_is_refused_by_name() {
     let dir = tempfile::tempdir().unwrap();
     open_and_close(dir.path());
     // A log whose first record is far past the database's checkpoint.
-    let mut w = Wal::open(dir.path()).unwrap();
+    let mut w = Wal::open(dir.path(), wal::WAL_FILE).unwrap();
     w.append(40, b"").unwrap();
     w.sync().unwrap();
     let err = Store::open(dir.path()).err().expect("a gap must not open");
@@ -294,7 +292,7 @@ fn a_log_naming_an_unknown_table_is_refused() {
     payload.push(2);
     payload.extend_from_slice(&1u32.to_le_bytes());
     payload.push(0);
-    let mut w = Wal::open(dir.path()).unwrap();
+    let mut w = Wal::open(dir.path(), wal::WAL_FILE).unwrap();
     w.append(1, &payload).unwrap();
     w.sync().unwrap();
     let err = Store::open(dir.path()).err().expect("must not open");
@@ -331,4 +329,127 @@ async fn after_a_log_failure_every_write_fails_and_the_store_says_why() {
     assert!(err.to_string().contains("refuses further writes"), "{err}");
     assert!(store.failure().is_some());
     assert!(rows(&store).iter().all(|(k, _)| *k != 2));
+}
+
+/// Durable writes of 1 MiB values until the writer has checkpointed
+/// `n` times (the log file in use fills up, the flusher commits).
+async fn force_checkpoints(store: &Store, n: u64) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let mut i = 0u32;
+    while store.stats().checkpoints.load(Ordering::Relaxed) < n {
+        assert!(std::time::Instant::now() < deadline, "no checkpoint");
+        i += 1;
+        store
+            .write(move |txn| {
+                let mut t = txn.open_table(tables::LOCAL_AGENTS)?;
+                t.insert(
+                    format!("big-{}", i % 4).as_str(),
+                    vec![7u8; 1 << 20].as_slice(),
+                )?;
+                Ok(())
+            })
+            .await
+            .unwrap();
+        if i > 12 {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    }
+}
+
+#[tokio::test]
+async fn reads_merge_the_memtable_with_the_database_and_survive_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, w) = Store::open(dir.path()).unwrap();
+    store
+        .write(|txn| {
+            let mut t = txn.open_table(T)?;
+            for i in 0..20u64 {
+                t.insert(i, i)?;
+            }
+            Ok(())
+        })
+        .await
+        .unwrap();
+    force_checkpoints(&store, 1).await;
+    // Rows 0..20 are in redb now; change some of them in the memtable.
+    store
+        .write(|txn| {
+            let mut t = txn.open_table(T)?;
+            for i in 0..5u64 {
+                t.remove(i)?;
+            }
+            t.insert(10, 100)?;
+            t.insert(50, 50)?;
+            // A row written and removed in the memtable alone.
+            t.insert_new(60, 60)?;
+            t.remove(60)?;
+            // The batch sees its own writes over the older layers.
+            assert!(t.get(3)?.is_none());
+            assert_eq!(t.get(10)?.map(|v| v.value()), Some(100));
+            Ok(())
+        })
+        .await
+        .unwrap();
+    let mut expected: Vec<(u64, u64)> = (5..20).map(|i| (i, i)).collect();
+    expected[5] = (10, 100);
+    expected.push((50, 50));
+    assert_eq!(rows(&store), expected);
+    {
+        let r = store.read().unwrap();
+        let t = r.open_table(T).unwrap();
+        let got: Vec<(u64, u64)> = t
+            .range(3..12)
+            .unwrap()
+            .map(|row| {
+                let (k, v) = row.unwrap();
+                (k.value(), v.value())
+            })
+            .collect();
+        assert_eq!(got, expected[..7].to_vec());
+        assert_eq!(t.len().unwrap(), 16);
+        let (hi, lo) = (12u64, 3u64);
+        assert!(t.range(hi..lo).unwrap().next().is_none());
+    }
+    // Killed now: the database holds the old rows, the log the changes.
+    let copy = snapshot(dir.path());
+    drop(store);
+    w.join();
+    let (reopened, w2) = Store::open(copy.path()).unwrap();
+    assert_eq!(rows(&reopened), expected);
+    drop(reopened);
+    w2.join();
+    // The clean close checkpointed everything and emptied both log files.
+    let (again, _w) = Store::open(dir.path()).unwrap();
+    assert_eq!(rows(&again), expected);
+    for name in wal::WAL_FILES {
+        assert_eq!(std::fs::metadata(dir.path().join(name)).unwrap().len(), 0);
+    }
+}
+
+#[test]
+fn records_in_both_log_files_replay_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    open_and_close(dir.path());
+    let op = |key: u64, value: Option<u64>| {
+        let mut p = Vec::new();
+        let v = value.map(u64::to_le_bytes);
+        tx::record(
+            &mut p,
+            "test_t",
+            &key.to_le_bytes(),
+            v.as_ref().map(|v| v.as_slice()),
+        );
+        p
+    };
+    // A checkpoint of the first file was under way when the process died:
+    // records 1-2 in one file, 3 in the other, none in the database.
+    let [a, b] = wal::WAL_FILES;
+    let mut first = Wal::open(dir.path(), a).unwrap();
+    first.append(1, &op(1, Some(10))).unwrap();
+    first.append(2, &op(2, Some(20))).unwrap();
+    let mut second = Wal::open(dir.path(), b).unwrap();
+    second.append(3, &op(1, None)).unwrap();
+    drop((first, second));
+    let (store, _w) = Store::open(dir.path()).unwrap();
+    assert_eq!(rows(&store), vec![(2, 20)]);
 }

@@ -1,11 +1,13 @@
-//! The write transaction handed to store closures: a redb transaction whose
-//! table writes are also recorded for the write-ahead log.
+//! The write transaction handed to store closures: reads through the
+//! snapshot taken for the batch, writes into the batch's own memtable and
+//! its write-ahead log record.
 //!
-//! Writes go through [`Table`], which wraps `redb::Table`: reads are the
-//! redb ones (through `Deref`, which only gives `&self` methods), and
-//! `insert`/`remove` apply the change and append it to the commit's log
-//! record. Replaying a record applies the same bytes again, table by table,
-//! so recovery needs no knowledge of what the writes meant.
+//! Writes go through [`Table`]: `insert` and `remove` record the change for
+//! the log and put it into the batch's layer, which the writer moves into
+//! the active memtable once the record is appended (`store::mem`). Reads
+//! (through `Deref` to [`View`]) see the batch's own writes first.
+//! Replaying a record applies the same bytes again, table by table, so
+//! recovery needs no knowledge of what the writes meant.
 //!
 //! # Record payload
 //! A sequence of operations: `table name length (1) | table name |
@@ -15,33 +17,37 @@
 use std::borrow::Borrow;
 use std::cell::RefCell;
 use std::ops::Deref;
+use std::sync::Arc;
 
-use redb::{AccessGuard, Key, StorageError, TableDefinition, TableHandle, Value, WriteTransaction};
+use redb::{Key, TableDefinition, Value, WriteTransaction};
 
 use super::Error;
+use super::mem::{Mem, Rows, Slot};
+use super::view::{Read, View, mem_key};
 
 const INSERT: u8 = 1;
 const REMOVE: u8 = 2;
 
 /// A write transaction as store closures see it.
 pub struct Tx<'a> {
-    txn: &'a WriteTransaction,
+    read: &'a Read,
+    batch: &'a RefCell<Mem>,
     log: &'a RefCell<Vec<u8>>,
 }
 
 impl<'a> Tx<'a> {
-    pub(super) fn new(txn: &'a WriteTransaction, log: &'a RefCell<Vec<u8>>) -> Self {
-        Tx { txn, log }
+    pub(super) fn new(read: &'a Read, batch: &'a RefCell<Mem>, log: &'a RefCell<Vec<u8>>) -> Self {
+        Tx { read, batch, log }
     }
 
     /// Open a table for reading and writing in this transaction.
     pub fn open_table<K: Key + 'static, V: Value + 'static>(
         &self,
         def: TableDefinition<'static, K, V>,
-    ) -> Result<Table<'a, K, V>, redb::TableError> {
+    ) -> Result<Table<'a, K, V>, Error> {
         Ok(Table {
-            inner: self.txn.open_table(def)?,
-            def,
+            view: self.read.view(def, Some(self.batch))?,
+            batch: self.batch,
             log: self.log,
         })
     }
@@ -49,65 +55,86 @@ impl<'a> Tx<'a> {
 
 /// A table opened in a [`Tx`]; see the module docs.
 pub struct Table<'a, K: Key + 'static, V: Value + 'static> {
-    inner: redb::Table<'a, K, V>,
-    def: TableDefinition<'static, K, V>,
+    view: View<'a, K, V>,
+    batch: &'a RefCell<Mem>,
     log: &'a RefCell<Vec<u8>>,
 }
 
 impl<'a, K: Key + 'static, V: Value + 'static> Deref for Table<'a, K, V> {
-    type Target = redb::Table<'a, K, V>;
+    type Target = View<'a, K, V>;
     fn deref(&self) -> &Self::Target {
-        &self.inner
+        &self.view
     }
 }
 
 impl<K: Key + 'static, V: Value + 'static> Table<'_, K, V> {
-    /// Insert or replace; returns the old value.
+    /// Insert or replace.
     pub fn insert<'k, 'v>(
         &mut self,
         key: impl Borrow<K::SelfType<'k>>,
         value: impl Borrow<V::SelfType<'v>>,
-    ) -> Result<Option<AccessGuard<'_, V>>, StorageError> {
-        let mark = self.record(
-            K::as_bytes(key.borrow()).as_ref(),
+    ) -> Result<(), Error> {
+        self.put(
+            key.borrow(),
             Some(V::as_bytes(value.borrow()).as_ref()),
+            false,
         );
-        let result = self.inner.insert(key, value);
-        if result.is_err() {
-            self.log.borrow_mut().truncate(mark);
-        }
-        result
+        Ok(())
     }
 
-    /// Remove; returns the old value.
-    pub fn remove<'k>(
+    /// Insert a key the caller knows is not stored (a fresh id, or one
+    /// just looked up): removing it before the next checkpoint then leaves
+    /// no trace in redb. Inserting a stored key this way would let an
+    /// older version reappear after a later remove.
+    pub fn insert_new<'k, 'v>(
         &mut self,
         key: impl Borrow<K::SelfType<'k>>,
-    ) -> Result<Option<AccessGuard<'_, V>>, StorageError> {
-        let mark = self.record(K::as_bytes(key.borrow()).as_ref(), None);
-        let result = self.inner.remove(key);
-        if !matches!(result, Ok(Some(_))) {
-            // Nothing removed (or a failure): nothing to replay.
-            self.log.borrow_mut().truncate(mark);
-        }
-        result
+        value: impl Borrow<V::SelfType<'v>>,
+    ) -> Result<(), Error> {
+        self.put(
+            key.borrow(),
+            Some(V::as_bytes(value.borrow()).as_ref()),
+            true,
+        );
+        Ok(())
     }
 
-    /// Append an insert (`value` given) or a remove to the batch's record;
-    /// returns where it starts, to take it back if redb refuses the write.
-    fn record(&self, key: &[u8], value: Option<&[u8]>) -> usize {
-        let table = self.def.name();
-        debug_assert!(table.len() <= u8::MAX as usize, "table names are short");
-        let mut log = self.log.borrow_mut();
-        let mark = log.len();
-        log.push(table.len() as u8);
-        log.extend_from_slice(table.as_bytes());
-        log.push(if value.is_some() { INSERT } else { REMOVE });
-        for part in std::iter::once(key).chain(value) {
-            log.extend_from_slice(&(part.len() as u32).to_le_bytes());
-            log.extend_from_slice(part);
-        }
-        mark
+    /// Remove (nothing happens if the key is not stored).
+    pub fn remove<'k>(&mut self, key: impl Borrow<K::SelfType<'k>>) -> Result<(), Error> {
+        self.put(key.borrow(), None, false);
+        Ok(())
+    }
+
+    /// Record an insert (`value` given) or a remove for the log and put it
+    /// into the batch's memtable.
+    fn put(&self, key: &K::SelfType<'_>, value: Option<&[u8]>, fresh: bool) {
+        let k = mem_key::<K>(key);
+        record(
+            &mut self.log.borrow_mut(),
+            self.view.name(),
+            &k.bytes,
+            value,
+        );
+        self.batch.borrow_mut().put(
+            self.view.name(),
+            k,
+            Slot {
+                value: value.map(Arc::from),
+                fresh,
+            },
+        );
+    }
+}
+
+/// Append an insert (`value` given) or a remove to a record.
+pub(super) fn record(log: &mut Vec<u8>, table: &str, key: &[u8], value: Option<&[u8]>) {
+    debug_assert!(table.len() <= u8::MAX as usize, "table names are short");
+    log.push(table.len() as u8);
+    log.extend_from_slice(table.as_bytes());
+    log.push(if value.is_some() { INSERT } else { REMOVE });
+    for part in std::iter::once(key).chain(value) {
+        log.extend_from_slice(&(part.len() as u32).to_le_bytes());
+        log.extend_from_slice(part);
     }
 }
 
@@ -151,28 +178,32 @@ pub(super) fn ops(payload: &[u8]) -> Result<Vec<Op<'_>>, String> {
     Ok(out)
 }
 
-/// Apply one logged operation to `def`'s table.
+/// Apply a memtable's rows of `def`'s table to redb.
 pub(super) fn apply<K: Key + 'static, V: Value + 'static>(
     txn: &WriteTransaction,
     def: TableDefinition<'static, K, V>,
-    op: &Op<'_>,
+    rows: &Rows,
 ) -> Result<(), Error> {
     let mut table = txn.open_table(def)?;
-    // redb's decoders may panic on bytes of the wrong shape; a record that
-    // passed its CRC should never have them, but a clear error beats a panic.
-    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match op.value {
-        Some(v) => table
-            .insert(K::from_bytes(op.key), V::from_bytes(v))
-            .map(|_| ()),
-        None => table.remove(K::from_bytes(op.key)).map(|_| ()),
+    // redb's decoders may panic on bytes of the wrong shape; rows from a
+    // record that passed its CRC should never have them, but a clear error
+    // beats a panic.
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        for (k, slot) in &rows.rows {
+            match &slot.value {
+                Some(v) => table.insert(K::from_bytes(&k.bytes), V::from_bytes(v))?,
+                None => table.remove(K::from_bytes(&k.bytes))?,
+            };
+        }
+        Ok::<(), redb::StorageError>(())
     }));
     match result {
         Ok(r) => Ok(r?),
         Err(_) => Err(Error::Corrupt {
             table: "write-ahead log",
             reason: format!(
-                "an operation on table {} holds a key or value of the wrong shape",
-                op.table
+                "a write to table {} holds a key or value of the wrong shape",
+                rows.name
             ),
         }),
     }

@@ -1,11 +1,15 @@
 //! The write-ahead log beside the database.
 //!
 //! Each group commit appends one record holding every table write of its
-//! transaction; a commit is durable once its record is fsynced, and the
-//! redb transaction itself commits without an fsync. A checkpoint (a
-//! durable redb commit that also stores the last logged sequence number)
-//! makes the log's contents redundant, and writing starts again at the
-//! front of the file.
+//! batch; a commit is durable once its record is fsynced. The writes
+//! themselves go into the memtable (`store::mem`), and a checkpoint (a
+//! durable redb commit of a frozen memtable that also stores the last
+//! sequence number it holds) makes the records before it redundant.
+//!
+//! The log is two files used in turn: when the writer freezes the active
+//! memtable it moves on to the other file, starting at its front, while
+//! the flusher checkpoints what the first one holds. A file is only reused
+//! once its records are checkpointed.
 //!
 //! Why: one sequential write and one `fdatasync` of a file whose blocks
 //! already exist, instead of redb's scattered page writes, per commit.
@@ -14,12 +18,13 @@
 //! A record is a 20-byte header followed by its payload:
 //! `magic (4) | payload length (4, LE) | sequence number (8, LE) | crc32 (4, LE)`,
 //! the CRC covering the sequence number and the payload. Records follow one
-//! another with consecutive sequence numbers. Because the file is reused
-//! from the front after each checkpoint, older records (with smaller
-//! numbers) may follow the newest ones; reading stops at the first record
-//! that is torn, fails its CRC, or does not continue the sequence.
+//! another with consecutive sequence numbers. Because a file is reused from
+//! the front, older records (with smaller numbers) may follow the newest
+//! ones; reading a file stops at the first record that is torn, fails its
+//! CRC, or does not continue the sequence. Replay joins the two files'
+//! runs by sequence number (`chain`).
 //!
-//! The file only grows, by zero-filled chunks, so that the fsync of an
+//! A file only grows, by zero-filled chunks, so that the fsync of an
 //! append rarely has to persist a new file size.
 
 use std::fs::{File, OpenOptions};
@@ -29,6 +34,9 @@ use std::path::{Path, PathBuf};
 
 /// File name of the log inside the data dir.
 pub const WAL_FILE: &str = "agentmesh.wal";
+/// The log is two files, used in turn: one takes new records while the
+/// other's are being checkpointed.
+pub const WAL_FILES: [&str; 2] = [WAL_FILE, "agentmesh.wal.1"];
 const MAGIC: [u8; 4] = *b"AMWL";
 /// Bytes of a record's header.
 pub const HEADER: usize = 20;
@@ -74,9 +82,10 @@ pub struct Gap {
 }
 
 impl Wal {
-    /// Open (or create) the log in `dir`; writing starts at the front.
-    pub fn open(dir: &Path) -> std::io::Result<Wal> {
-        let path = dir.join(WAL_FILE);
+    /// Open (or create) the log file `name` in `dir`; writing starts at
+    /// the front.
+    pub fn open(dir: &Path, name: &str) -> std::io::Result<Wal> {
+        let path = dir.join(name);
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -116,12 +125,20 @@ impl Wal {
 
     /// Read every record that continues the checkpoint `after`.
     pub fn read(&self, after: u64) -> Result<Replay, ReadError> {
+        chain(after, vec![self.scan()?])
+    }
+
+    /// The records at the front of the file that follow one another.
+    pub fn scan(&self) -> std::io::Result<Run> {
         let mut bytes = Vec::new();
         (&self.file).read_to_end(&mut bytes)?;
-        let mut out = Replay::default();
+        let mut run = Run {
+            path: self.path.clone(),
+            records: Vec::new(),
+            stopped: "",
+        };
         let mut at = 0usize;
-        let mut expect = after + 1;
-        out.stopped = loop {
+        run.stopped = loop {
             let Some(head) = bytes.get(at..at + HEADER) else {
                 break "end of file";
             };
@@ -140,21 +157,13 @@ impl Wal {
             if h.finalize() != crc {
                 break "record failing its checksum";
             }
-            if lsn != expect {
-                if out.records.is_empty() && lsn > expect {
-                    return Err(ReadError::Gap(Gap {
-                        path: self.path.clone(),
-                        found: lsn,
-                        checkpoint: after,
-                    }));
-                }
-                break "records older than the checkpoint";
+            if run.records.last().is_some_and(|&(prev, _)| lsn != prev + 1) {
+                break "records older than the newest";
             }
-            out.records.push((lsn, payload.to_vec()));
-            expect += 1;
+            run.records.push((lsn, payload.to_vec()));
             at += HEADER + len;
         };
-        Ok(out)
+        Ok(run)
     }
 
     /// Append one record (not yet fsynced).
@@ -215,6 +224,54 @@ impl Wal {
     }
 }
 
+/// The records one file holds at its front, one after another.
+#[derive(Debug)]
+pub struct Run {
+    /// The file.
+    pub path: PathBuf,
+    /// `(sequence number, payload)`, consecutive.
+    pub records: Vec<(u64, Vec<u8>)>,
+    /// Why reading stopped where it did.
+    pub stopped: &'static str,
+}
+
+/// The records that continue the checkpoint `after`, from the runs of one
+/// or more files (a file reused after a checkpoint holds the newest run;
+/// the other file may hold the run before it).
+pub fn chain(after: u64, mut runs: Vec<Run>) -> Result<Replay, ReadError> {
+    let mut out = Replay {
+        records: Vec::new(),
+        stopped: runs.first().map_or("end of records", |r| r.stopped),
+    };
+    runs.retain(|r| !r.records.is_empty());
+    runs.sort_by_key(|r| r.records[0].0);
+    let mut expect = after + 1;
+    for run in runs {
+        out.stopped = run.stopped;
+        for (lsn, payload) in run.records {
+            if lsn < expect {
+                continue;
+            }
+            if lsn > expect {
+                if out.records.is_empty() {
+                    return Err(ReadError::Gap(Gap {
+                        path: run.path,
+                        found: lsn,
+                        checkpoint: after,
+                    }));
+                }
+                // Only a power loss leaves a hole between the files, and
+                // nothing after it was acknowledged.
+                out.stopped = "a hole between the log files";
+                return Ok(out);
+            }
+            out.records.push((lsn, payload));
+            expect += 1;
+        }
+    }
+    Ok(out)
+}
+
 /// Reading the log failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ReadError {
@@ -231,7 +288,7 @@ mod tests {
     use super::*;
 
     fn reopen(dir: &Path) -> Wal {
-        Wal::open(dir).unwrap()
+        Wal::open(dir, WAL_FILE).unwrap()
     }
 
     #[test]
@@ -247,7 +304,8 @@ mod tests {
         assert_eq!(r.records[2], (3, vec![3u8; 300]));
         // Records up to a checkpoint are skipped; the rest continue it.
         let r = reopen(dir.path()).read(3).unwrap();
-        assert!(r.records.is_empty(), "records before the front stop: {r:?}");
+        let lsns: Vec<u64> = r.records.iter().map(|(l, _)| *l).collect();
+        assert_eq!(lsns, vec![4, 5]);
     }
 
     #[test]
@@ -265,7 +323,7 @@ mod tests {
         let r = reopen(dir.path()).read(10).unwrap();
         let lsns: Vec<u64> = r.records.iter().map(|(l, _)| *l).collect();
         assert_eq!(lsns, vec![11, 12]);
-        assert_eq!(r.stopped, "records older than the checkpoint");
+        assert_eq!(r.stopped, "records older than the newest");
         // Nothing written since the checkpoint: nothing to apply.
         let mut w = reopen(dir.path());
         w.reset();
@@ -296,6 +354,33 @@ mod tests {
         let r = reopen(dir.path()).read(0).unwrap();
         assert!(r.records.is_empty());
         assert_eq!(r.stopped, "torn record");
+    }
+
+    #[test]
+    fn two_files_join_by_sequence_number() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = |name: &str, lsns: std::ops::RangeInclusive<u64>| {
+            let mut w = Wal::open(dir.path(), name).unwrap();
+            w.reset();
+            for lsn in lsns {
+                w.append(lsn, &[lsn as u8; 16]).unwrap();
+            }
+            w.scan().unwrap()
+        };
+        let lsns = |r: Replay| r.records.iter().map(|(l, _)| *l).collect::<Vec<_>>();
+        let [a, b] = WAL_FILES;
+        // The newer run is in the first file, the older in the second.
+        let runs = || vec![run(a, 4..=6), run(b, 1..=3)];
+        assert_eq!(lsns(chain(0, runs()).unwrap()), vec![1, 2, 3, 4, 5, 6]);
+        assert_eq!(lsns(chain(3, runs()).unwrap()), vec![4, 5, 6]);
+        assert!(chain(6, runs()).unwrap().records.is_empty());
+        // A hole between the files ends the replay before it.
+        let r = chain(0, vec![run(a, 5..=6), run(b, 1..=3)]).unwrap();
+        assert_eq!(r.stopped, "a hole between the log files");
+        assert_eq!(lsns(r), vec![1, 2, 3]);
+        // Missing the record right after the checkpoint is an error.
+        let err = chain(0, vec![run(a, 5..=6), run(b, 3..=4)]).unwrap_err();
+        assert!(err.to_string().contains("missing"), "{err}");
     }
 
     #[test]

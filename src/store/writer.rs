@@ -1,124 +1,68 @@
-//! The writer thread: group commits, the write-ahead log and checkpoints.
+//! The writer thread: group commits into the write-ahead log and the
+//! memtable, and when to checkpoint.
 //!
-//! The writer builds a transaction from every waiting closure, appends its
-//! table writes to the log and commits it to redb without an fsync. It
-//! does not wait for the fsync: it hands the batch's replies to the syncer
-//! thread and starts on the next batch while the disk works. The syncer
-//! fsyncs the log once for everything handed to it since its last fsync,
-//! then answers those callers. So the disk's latency overlaps the CPU work
-//! of the next batch, and every answer still means "on disk".
+//! The writer builds a batch from every waiting closure, appends the
+//! batch's table writes to the log and moves them into the active memtable
+//! (`store::mem`); redb is not touched. It does not wait for the fsync: it
+//! hands the batch's replies to the syncer thread and starts on the next
+//! batch while the disk works. The syncer fsyncs the log once for
+//! everything handed to it since its last fsync, then answers those
+//! callers. So the disk's latency overlaps the CPU work of the next batch,
+//! and every answer still means "on disk".
 //!
-//! A later transaction may read what an earlier one wrote before that is
+//! Once the log file in use holds enough, the writer freezes the active
+//! memtable, hands it to the flusher thread (`store::flush`) and moves on
+//! to the other log file. The checkpoint runs beside the writer instead of
+//! stalling it; the writer freezes again only once it is done.
+//!
+//! A later batch may read what an earlier one wrote before that is
 //! fsynced; that is safe because the log is replayed in order (a record is
-//! only durable once everything before it is) and a failed fsync stops all
-//! writing (`Shared::broken`) until the node restarts and replays the log.
+//! only durable once everything before it is) and a failed append, fsync
+//! or checkpoint stops all writing (`Shared::broken`) until the node
+//! restarts and replays the log.
 
+use std::cell::RefCell;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use redb::{Database, Durability, ReadTransaction, ReadableDatabase, WriteTransaction};
+use redb::{Database, ReadableDatabase};
 use tokio::sync::mpsc;
 
+use super::flush::{self, Flush, Flusher};
+use super::mem::{self, Layers, Mem};
+use super::view::Read;
 use super::wal::{self, Wal};
-use super::{Done, Error, Job, MAX_BATCH, META, OpenError, Tx, WriteStats, tables, tx};
+use super::{Done, Error, Job, MAX_BATCH, Tx, WriteStats};
 
-/// The last write-ahead log record the database holds (u64, LE).
-const META_WAL_CHECKPOINT: &str = "wal_checkpoint";
-/// Checkpoint once the log holds this much (a checkpoint blocks the writer
-/// for as long as redb takes to write and fsync what changed, so they are
-/// kept small)...
+/// Checkpoint once the log file in use holds this much...
 const CHECKPOINT_BYTES: u64 = 8 * 1024 * 1024;
-/// ... or this long after the last one, once the log holds `BUSY_BYTES`...
+/// ... or this long after the last one, once it holds `BUSY_BYTES`...
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
 const BUSY_BYTES: u64 = 1024 * 1024;
-/// ... or this long after the last one, whatever the log holds: a quiet
-/// node (lazy registry updates, the odd message) checkpoints rarely, since
-/// each checkpoint is an fsync of its own.
+/// ... or this long after the last one, whatever it holds: a quiet node
+/// (lazy registry updates, the odd message) checkpoints rarely, since each
+/// checkpoint is an fsync of its own.
 const QUIET_CHECKPOINT_EVERY: Duration = Duration::from_secs(5);
 
-/// Whether a batch should be the checkpoint, given how much the log holds
-/// and how long ago the last checkpoint was.
+/// Whether to checkpoint, given how much the log file in use holds and how
+/// long ago the last checkpoint was.
 fn checkpoint_due(log_bytes: u64, since_last: Duration) -> bool {
     log_bytes >= CHECKPOINT_BYTES
         || (since_last >= CHECKPOINT_EVERY && log_bytes >= BUSY_BYTES)
         || (since_last >= QUIET_CHECKPOINT_EVERY && log_bytes > 0)
 }
 
-/// Read the checkpoint and apply the log records after it, in one durable
-/// transaction that also moves the checkpoint. Returns the checkpoint.
-pub(super) fn recover(db: &Database, wal: &Wal) -> Result<u64, OpenError> {
-    let path = wal.path().to_path_buf();
-    let storage = |e: Error| OpenError::Storage {
-        path: path.clone(),
-        source: redb::Error::Io(std::io::Error::other(e.to_string())),
-    };
-    let corrupt = |reason: String| OpenError::Corrupt {
-        path: path.clone(),
-        reason,
-    };
-    let read = db.begin_read().map_err(|e| storage(e.into()))?;
-    let checkpoint = read_checkpoint(&read).map_err(|e| corrupt(e.to_string()))?;
-    drop(read);
-    let replay = wal.read(checkpoint).map_err(|e| match e {
-        wal::ReadError::Gap(gap) => corrupt(gap.to_string()),
-        wal::ReadError::Io(io) => storage(Error::Storage(Arc::new(redb::Error::Io(io)))),
-    })?;
-    let Some(&(last, _)) = replay.records.last() else {
-        return Ok(checkpoint);
-    };
-    let txn = db.begin_write().map_err(|e| storage(e.into()))?;
-    let mut ops = 0usize;
-    for (lsn, payload) in &replay.records {
-        for op in tx::ops(payload).map_err(|r| corrupt(format!("record {lsn}: {r}")))? {
-            tables::replay(&txn, &op).map_err(|e| match e {
-                Error::Corrupt { reason, .. } => corrupt(format!("record {lsn}: {reason}")),
-                other => storage(other),
-            })?;
-            ops += 1;
-        }
-    }
-    write_checkpoint(&txn, last).map_err(storage)?;
-    txn.commit().map_err(|e| storage(e.into()))?;
-    tracing::info!(
-        wal = %path.display(),
-        records = replay.records.len(),
-        ops,
-        first = checkpoint + 1,
-        last,
-        stopped_at = replay.stopped,
-        "replayed the write-ahead log"
-    );
-    Ok(last)
-}
-
-fn read_checkpoint(read: &ReadTransaction) -> Result<u64, Error> {
-    let meta = read.open_table(META)?;
-    let Some(v) = meta.get(META_WAL_CHECKPOINT)? else {
-        return Ok(0);
-    };
-    <[u8; 8]>::try_from(v.value())
-        .map(u64::from_le_bytes)
-        .map_err(|_| Error::Corrupt {
-            table: "meta",
-            reason: "the write-ahead log checkpoint is not a u64".into(),
-        })
-}
-
-fn write_checkpoint(txn: &WriteTransaction, lsn: u64) -> Result<(), Error> {
-    txn.open_table(META)?
-        .insert(META_WAL_CHECKPOINT, lsn.to_le_bytes().as_slice())?;
-    Ok(())
-}
-
-/// State the writer, the syncer and every `Store` handle share.
+/// State the writer, the syncer, the flusher and every `Store` handle share.
 #[derive(Default)]
 pub(super) struct Shared {
-    /// Set when the log could not be written or fsynced after its
-    /// transaction was applied: the database and the log may disagree, so
-    /// every later write fails until the node restarts (and replays the log).
+    /// Set when the log could not be written or fsynced, or a checkpoint
+    /// failed: the database and the log may disagree, so every later write
+    /// fails until the node restarts (and replays the log).
     broken: Mutex<Option<Error>>,
+    /// The memtables readers look through.
+    layers: RwLock<Layers>,
 }
 
 impl Shared {
@@ -143,57 +87,102 @@ impl Shared {
         let mut b = self.broken.lock().unwrap_or_else(|p| p.into_inner());
         b.get_or_insert(err).clone()
     }
+
+    /// A read snapshot: the memtables and a redb transaction begun while
+    /// holding them, so a memtable the flusher drops is in the snapshot's
+    /// redb transaction if it is not in its layers.
+    pub(super) fn snapshot(&self, db: &Database) -> Result<Read, Error> {
+        let layers = self.layers.read().unwrap_or_else(|p| p.into_inner());
+        let txn = db.begin_read()?;
+        Ok(Read::new(txn, layers.clone()))
+    }
+
+    pub(super) fn layers_mut(&self) -> std::sync::RwLockWriteGuard<'_, Layers> {
+        self.layers.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn flushing(&self) -> bool {
+        self.layers
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .frozen
+            .is_some()
+    }
 }
 
 /// The writer thread's state.
 pub(super) struct Writer {
     db: Arc<Database>,
-    wal: Wal,
-    /// The current batch's table writes, as a log record payload.
-    log: std::cell::RefCell<Vec<u8>>,
+    /// The two log files; `cur` takes new records.
+    wals: [Wal; 2],
+    cur: usize,
+    /// The running batch's writes: its memtable layer and its log record.
+    batch: RefCell<Mem>,
+    log: RefCell<Vec<u8>>,
+    /// The memtable batches go into (the one in `Shared::layers`).
+    active: Arc<RwLock<Mem>>,
     next_lsn: u64,
-    /// The last record the database itself holds.
-    checkpointed: u64,
-    /// Records appended but not handed to the syncer yet (lazy batches).
-    unsynced: bool,
+    /// The last record handed to the flusher (or checkpointed at open).
+    frozen_upto: u64,
+    /// Log files appended to and not handed to the syncer since.
+    unsynced: [bool; 2],
     last_checkpoint: Instant,
     shared: Arc<Shared>,
-    syncer: std::sync::mpsc::Sender<Vec<Done>>,
+    syncer: std::sync::mpsc::Sender<([bool; 2], Vec<Done>)>,
     syncer_thread: Option<std::thread::JoinHandle<()>>,
+    flusher: Option<std::sync::mpsc::Sender<Flush>>,
+    flusher_thread: Option<std::thread::JoinHandle<()>>,
     stats: Arc<WriteStats>,
 }
 
 impl Writer {
-    /// A writer continuing after `checkpoint` (see `recover`).
+    /// A writer continuing after `checkpoint` (see `flush::recover`), which
+    /// covers everything both log files hold.
     pub(super) fn new(
         db: Arc<Database>,
-        mut wal: Wal,
+        mut wals: [Wal; 2],
         checkpoint: u64,
         stats: Arc<WriteStats>,
         shared: Arc<Shared>,
     ) -> std::io::Result<Writer> {
-        wal.reset();
+        wals.iter_mut().for_each(Wal::reset);
         let (tx, rx) = std::sync::mpsc::channel();
         let syncer = Syncer {
-            file: wal.file()?,
-            path: wal.path().to_path_buf(),
+            files: [wals[0].file()?, wals[1].file()?],
+            path: wals[0].path().to_path_buf(),
             shared: shared.clone(),
             stats: stats.clone(),
         };
-        let thread = std::thread::Builder::new()
+        let syncer_thread = std::thread::Builder::new()
             .name("agentmesh-fsync".into())
             .spawn(move || syncer.run(rx))?;
+        let (ftx, frx) = std::sync::mpsc::channel();
+        let flusher = Flusher {
+            db: db.clone(),
+            shared: shared.clone(),
+            stats: stats.clone(),
+            path: wals[0].path().to_path_buf(),
+        };
+        let flusher_thread = std::thread::Builder::new()
+            .name("agentmesh-flush".into())
+            .spawn(move || flusher.run(frx))?;
+        let active = shared.layers_mut().active.clone();
         Ok(Writer {
             db,
-            wal,
-            log: std::cell::RefCell::new(Vec::new()),
+            wals,
+            cur: 0,
+            batch: RefCell::new(Mem::default()),
+            log: RefCell::new(Vec::new()),
+            active,
             next_lsn: checkpoint + 1,
-            checkpointed: checkpoint,
-            unsynced: false,
+            frozen_upto: checkpoint,
+            unsynced: [false; 2],
             last_checkpoint: Instant::now(),
             shared,
             syncer: tx,
-            syncer_thread: Some(thread),
+            syncer_thread: Some(syncer_thread),
+            flusher: Some(ftx),
+            flusher_thread: Some(flusher_thread),
             stats,
         })
     }
@@ -213,29 +202,36 @@ impl Writer {
             self.stats.commits.fetch_add(1, Ordering::Relaxed);
             self.stats.writes.fetch_add(n, Ordering::Relaxed);
         }
-        // Closing: answer everything in flight, then leave the database
-        // holding everything, so the log is not needed to open it.
+        self.close();
+    }
+
+    /// Answer everything in flight, finish the running checkpoint, then
+    /// checkpoint the rest, so the log is not needed to open the database.
+    fn close(&mut self) {
         let (closed, _) = std::sync::mpsc::channel();
         drop(std::mem::replace(&mut self.syncer, closed));
         if let Some(t) = self.syncer_thread.take() {
             let _ = t.join();
         }
+        drop(self.flusher.take());
+        if let Some(t) = self.flusher_thread.take() {
+            let _ = t.join();
+        }
         if self.shared.broken().is_some() {
             return;
         }
-        if self.next_lsn - 1 > self.checkpointed {
-            let done = self
-                .db
-                .begin_write()
-                .map_err(Error::from)
-                .and_then(|txn| self.checkpoint(txn));
+        let last = self.next_lsn - 1;
+        if last > self.frozen_upto {
+            let done = flush::checkpoint(&self.db, &mem::read(&self.active), last);
             if let Err(e) = done {
                 tracing::error!(error = %e, "final checkpoint failed; the write-ahead log will be replayed on the next start");
                 return;
             }
         }
-        if let Err(e) = self.wal.truncate() {
-            tracing::warn!(error = %e, wal = %self.wal.path().display(), "cannot truncate the write-ahead log after the final checkpoint");
+        for w in &mut self.wals {
+            if let Err(e) = w.truncate() {
+                tracing::warn!(error = %e, wal = %w.path().display(), "cannot truncate the write-ahead log after the final checkpoint");
+            }
         }
     }
 
@@ -246,36 +242,23 @@ impl Writer {
             return;
         }
         let durable = batch.iter().any(|j| j.durable);
-        let checkpoint = self.next_lsn - 1 > self.checkpointed
-            && checkpoint_due(self.wal.len(), self.last_checkpoint.elapsed());
-        let level = if checkpoint {
-            Durability::Immediate
-        } else {
-            Durability::None
-        };
-        let txn = match self
-            .db
-            .begin_write()
-            .map_err(Error::from)
-            .and_then(|mut t| {
-                t.set_durability(level)?;
-                Ok(t)
-            }) {
-            Ok(t) => t,
+        let read = match self.shared.snapshot(&self.db) {
+            Ok(r) => r,
             Err(e) => {
-                tracing::error!(error = %e, "cannot begin write transaction");
+                tracing::error!(error = %e, "cannot begin a read transaction for a group commit");
                 answer_all(batch, &e);
                 return;
             }
         };
+        self.batch.get_mut().clear();
         self.log.get_mut().clear();
         let mut dones: Vec<Done> = Vec::with_capacity(batch.len());
         let mut failure: Option<Error> = None;
         {
-            let tx = Tx::new(&txn, &self.log);
+            let tx = Tx::new(&read, &self.batch, &self.log);
             for job in batch.drain(..) {
                 if let Some(err) = &failure {
-                    // Jobs after a failure never touch the transaction.
+                    // Jobs after a failure never touch the batch.
                     let (done, _) = (job.run)(Err(Error::BatchAborted(err.to_string())));
                     dones.push(done);
                     continue;
@@ -292,6 +275,7 @@ impl Writer {
                 }
             }
         }
+        drop(read);
         let applied = Instant::now();
         self.stats.apply_ns.fetch_add(
             applied.duration_since(started).as_nanos() as u64,
@@ -300,21 +284,19 @@ impl Writer {
         let result = match failure {
             Some(err) => {
                 tracing::error!(error = %err, "write failed; rolling back its group commit");
-                let _ = txn.abort();
                 Err(Error::BatchAborted(err.to_string()))
             }
-            None if checkpoint => self.checkpoint(txn),
-            None => self.logged_commit(txn),
+            None => self.commit(),
         };
         self.stats
             .commit_ns
             .fetch_add(applied.elapsed().as_nanos() as u64, Ordering::Relaxed);
-        if result.is_ok() && durable && self.unsynced {
+        if result.is_ok() && durable && self.unsynced.contains(&true) {
             // The syncer answers once the log is on disk.
-            self.unsynced = false;
-            if let Err(std::sync::mpsc::SendError(dones)) = self.syncer.send(dones) {
+            let files = std::mem::take(&mut self.unsynced);
+            if let Err(std::sync::mpsc::SendError((_, dones))) = self.syncer.send((files, dones)) {
                 let e = self.shared.fail(
-                    self.wal.path(),
+                    self.wals[self.cur].path(),
                     "handing a commit to the fsync thread",
                     &"it has stopped",
                 );
@@ -330,68 +312,61 @@ impl Writer {
         }
     }
 
-    /// Append the batch to the log (not fsynced), then commit it to redb
-    /// without an fsync.
-    fn logged_commit(&mut self, txn: WriteTransaction) -> Result<(), Error> {
+    /// Append the batch's record to the log (not fsynced), move its writes
+    /// into the active memtable, and checkpoint if it is time.
+    fn commit(&mut self) -> Result<(), Error> {
         let log = self.log.get_mut();
-        if !log.is_empty() {
-            if let Err(e) = self.wal.append(self.next_lsn, log) {
-                let _ = txn.abort();
-                return Err(self.shared.fail(
-                    self.wal.path(),
-                    "appending to the write-ahead log",
-                    &e,
-                ));
-            }
-            self.next_lsn += 1;
-            self.unsynced = true;
-            self.stats
-                .wal_bytes
-                .fetch_add(log.len() as u64 + wal::HEADER as u64, Ordering::Relaxed);
+        if log.is_empty() {
+            return Ok(());
         }
-        if let Err(e) = txn.commit() {
+        let wal = &mut self.wals[self.cur];
+        if let Err(e) = wal.append(self.next_lsn, log) {
             return Err(self
                 .shared
-                .fail(self.wal.path(), "committing a logged transaction", &e));
+                .fail(wal.path(), "appending to the write-ahead log", &e));
+        }
+        self.next_lsn += 1;
+        self.unsynced[self.cur] = true;
+        self.stats
+            .wal_bytes
+            .fetch_add(log.len() as u64 + wal::HEADER as u64, Ordering::Relaxed);
+        let rows = std::mem::take(self.batch.get_mut());
+        mem::write(&self.active).absorb(rows);
+        if checkpoint_due(self.wals[self.cur].len(), self.last_checkpoint.elapsed())
+            && !self.shared.flushing()
+        {
+            self.freeze();
         }
         Ok(())
     }
 
-    /// Commit durably, recording that the database now holds every record
-    /// logged so far; the log starts again from the front.
-    fn checkpoint(&mut self, mut txn: WriteTransaction) -> Result<(), Error> {
+    /// Hand the active memtable to the flusher and log into the other file
+    /// (whose records the last checkpoint covers: the flusher is idle).
+    fn freeze(&mut self) {
         let last = self.next_lsn - 1;
-        txn.set_durability(Durability::Immediate)?;
-        if let Err(e) = write_checkpoint(&txn, last) {
-            let _ = txn.abort();
-            return Err(e);
-        }
-        let t = Instant::now();
-        if let Err(e) = txn.commit() {
-            // Whether the checkpoint reached the disk is unknown. Logging
-            // on at the current offset would put new records behind older
-            // ones that a durable checkpoint made stale, where replay
-            // would never reach them; stopping is the safe answer.
-            return Err(self
-                .shared
-                .fail(self.wal.path(), "committing a checkpoint", &e));
-        }
-        let took = t.elapsed();
-        self.stats
-            .checkpoint_ns
-            .fetch_add(took.as_nanos() as u64, Ordering::Relaxed);
-        tracing::debug!(
-            record = last,
-            log_bytes = self.wal.len(),
-            took_ms = took.as_secs_f64() * 1e3,
-            "checkpoint"
-        );
-        self.checkpointed = last;
-        self.unsynced = false;
-        self.wal.reset();
+        let fresh = Arc::new(RwLock::new(Mem::default()));
+        let old = {
+            let mut layers = self.shared.layers_mut();
+            let old = std::mem::replace(&mut layers.active, fresh.clone());
+            layers.frozen = Some(old.clone());
+            old
+        };
+        self.active = fresh;
+        self.frozen_upto = last;
+        self.cur ^= 1;
+        self.wals[self.cur].reset();
         self.last_checkpoint = Instant::now();
-        self.stats.checkpoints.fetch_add(1, Ordering::Relaxed);
-        Ok(())
+        let handed = self
+            .flusher
+            .as_ref()
+            .is_some_and(|f| f.send(Flush { mem: old, last }).is_ok());
+        if !handed {
+            self.shared.fail(
+                self.wals[self.cur].path(),
+                "handing a checkpoint to the flusher",
+                &"it has stopped",
+            );
+        }
     }
 }
 
@@ -404,41 +379,47 @@ fn answer_all(batch: &mut Vec<Job>, e: &Error) {
 
 /// Fsyncs the log for the writer and answers the callers it covers.
 struct Syncer {
-    file: std::fs::File,
+    files: [std::fs::File; 2],
     path: std::path::PathBuf,
     shared: Arc<Shared>,
     stats: Arc<WriteStats>,
 }
 
 impl Syncer {
-    fn run(self, rx: std::sync::mpsc::Receiver<Vec<Done>>) {
+    fn run(self, rx: std::sync::mpsc::Receiver<([bool; 2], Vec<Done>)>) {
         let mut waiting: Vec<Done> = Vec::new();
-        while let Ok(first) = rx.recv() {
+        while let Ok((mut files, first)) = rx.recv() {
             waiting.extend(first);
             // Everything handed over so far was appended before it was
-            // handed over, so one fsync from here covers all of it.
-            while let Ok(more) = rx.try_recv() {
+            // handed over, so one fsync (per file) from here covers all of it.
+            while let Ok((more_files, more)) = rx.try_recv() {
                 waiting.extend(more);
+                files = [files[0] || more_files[0], files[1] || more_files[1]];
             }
             let result = match self.shared.broken() {
                 Some(e) => Err(e),
-                None => {
-                    let t = Instant::now();
-                    let synced = self.file.sync_data();
-                    self.stats
-                        .wal_sync_ns
-                        .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
-                    self.stats.wal_syncs.fetch_add(1, Ordering::Relaxed);
-                    synced.map_err(|e| {
-                        self.shared
-                            .fail(&self.path, "fsyncing the write-ahead log", &e)
-                    })
-                }
+                None => self.sync(files),
             };
             for done in waiting.drain(..) {
                 done(result.clone());
             }
         }
+    }
+
+    fn sync(&self, files: [bool; 2]) -> Result<(), Error> {
+        for (file, _) in self.files.iter().zip(files).filter(|(_, dirty)| *dirty) {
+            let t = Instant::now();
+            let synced = file.sync_data();
+            self.stats
+                .wal_sync_ns
+                .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            self.stats.wal_syncs.fetch_add(1, Ordering::Relaxed);
+            synced.map_err(|e| {
+                self.shared
+                    .fail(&self.path, "fsyncing the write-ahead log", &e)
+            })?;
+        }
+        Ok(())
     }
 }
 

@@ -1,0 +1,310 @@
+//! The memtable: every table write since the last checkpoint, held in
+//! memory in front of redb.
+//!
+//! A group commit no longer touches redb: its writes go to the write-ahead
+//! log (which makes them durable) and into the *active* memtable. Once the
+//! log has grown enough, the writer freezes the active memtable and a
+//! flusher thread applies what it holds to redb in one durable transaction
+//! (the checkpoint). Rows that were written and removed again before that,
+//! which is most of a message's bookkeeping (outbox entries, in-flight
+//! envelopes, unconfirmed receipts), never reach a B-tree at all, and a row
+//! rewritten many times is written to redb once.
+//!
+//! Reads look through the layers newest first: the running batch's own
+//! writes, the active memtable, the frozen one being flushed, then redb.
+//! A removal is a tombstone that hides older versions, unless the row it
+//! removes is *fresh* (written by `insert_new`, so no older version exists
+//! below it): then both simply vanish.
+//!
+//! Keys are kept as redb encodes them and ordered by the key type's own
+//! `compare`, so ranges merge with redb's.
+
+use std::cmp::Ordering;
+use std::collections::BTreeMap;
+use std::ops::Bound;
+use std::sync::{Arc, RwLock};
+
+/// A key type's ordering over encoded keys (`redb::Key::compare`).
+pub(super) type Cmp = fn(&[u8], &[u8]) -> Ordering;
+
+/// An encoded key with its table's ordering.
+#[derive(Clone)]
+pub(super) struct MemKey {
+    pub bytes: Box<[u8]>,
+    cmp: Cmp,
+}
+
+impl MemKey {
+    pub fn new(bytes: &[u8], cmp: Cmp) -> Self {
+        MemKey {
+            bytes: bytes.into(),
+            cmp,
+        }
+    }
+}
+
+impl Ord for MemKey {
+    fn cmp(&self, other: &Self) -> Ordering {
+        (self.cmp)(&self.bytes, &other.bytes)
+    }
+}
+impl PartialOrd for MemKey {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl PartialEq for MemKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other) == Ordering::Equal
+    }
+}
+impl Eq for MemKey {}
+
+/// A row's newest version in a layer.
+#[derive(Clone)]
+pub(super) struct Slot {
+    /// `None`: removed.
+    pub value: Option<Arc<[u8]>>,
+    /// No version of this key exists in any older layer.
+    pub fresh: bool,
+}
+
+/// One table's rows in a layer.
+pub(super) struct Rows {
+    pub name: Box<str>,
+    pub rows: BTreeMap<MemKey, Slot>,
+}
+
+/// A layer: rows of any number of tables.
+#[derive(Default)]
+pub(super) struct Mem {
+    tables: Vec<Rows>,
+    /// Rows put since creation (a measure of size, not exact).
+    puts: usize,
+}
+
+impl Mem {
+    fn table(&self, name: &str) -> Option<&Rows> {
+        self.tables.iter().find(|t| &*t.name == name)
+    }
+
+    fn table_mut(&mut self, name: &str) -> &mut Rows {
+        match self.tables.iter().position(|t| &*t.name == name) {
+            Some(i) => &mut self.tables[i],
+            None => {
+                self.tables.push(Rows {
+                    name: name.into(),
+                    rows: BTreeMap::new(),
+                });
+                self.tables.last_mut().expect("just pushed")
+            }
+        }
+    }
+
+    /// The newest version of `key` in this layer, if the layer has one.
+    pub fn get(&self, name: &str, key: &MemKey) -> Option<&Slot> {
+        self.table(name)?.rows.get(key)
+    }
+
+    /// Write `slot` over whatever this layer holds for `key`.
+    pub fn put(&mut self, name: &str, key: MemKey, mut slot: Slot) {
+        self.puts += 1;
+        let rows = &mut self.table_mut(name).rows;
+        match rows.get_mut(&key) {
+            Some(old) if old.fresh => {
+                if slot.value.is_none() {
+                    // Nothing older to hide: the row simply never was.
+                    rows.remove(&key);
+                } else {
+                    slot.fresh = true;
+                    *old = slot;
+                }
+            }
+            Some(old) => *old = slot,
+            None => {
+                rows.insert(key, slot);
+            }
+        }
+    }
+
+    /// Move every row of `newer` over this layer's.
+    pub fn absorb(&mut self, newer: Mem) {
+        for t in newer.tables {
+            for (k, s) in t.rows {
+                self.put(&t.name, k, s);
+            }
+        }
+    }
+
+    /// Add this layer's rows of `name` within the bounds to `into`, unless
+    /// `into` already has the key (from a newer layer).
+    pub fn collect(
+        &self,
+        name: &str,
+        bounds: (Bound<&MemKey>, Bound<&MemKey>),
+        into: &mut BTreeMap<MemKey, Slot>,
+    ) {
+        let Some(t) = self.table(name) else { return };
+        for (k, s) in t.rows.range::<MemKey, _>(bounds) {
+            if !into.contains_key(k) {
+                into.insert(k.clone(), s.clone());
+            }
+        }
+    }
+
+    /// Every table's rows (for the flusher).
+    pub fn tables(&self) -> &[Rows] {
+        &self.tables
+    }
+
+    /// Rows put since creation.
+    pub fn puts(&self) -> usize {
+        self.puts
+    }
+
+    pub fn clear(&mut self) {
+        self.tables.iter_mut().for_each(|t| t.rows.clear());
+        self.puts = 0;
+    }
+}
+
+/// The memtables a reader sees, taken together with its redb snapshot.
+#[derive(Clone, Default)]
+pub(super) struct Layers {
+    /// Written by the writer after each group commit.
+    pub active: Arc<RwLock<Mem>>,
+    /// Being flushed to redb; never written again.
+    pub frozen: Option<Arc<RwLock<Mem>>>,
+}
+
+impl Layers {
+    fn each(&self) -> impl Iterator<Item = &Arc<RwLock<Mem>>> {
+        std::iter::once(&self.active).chain(self.frozen.as_ref())
+    }
+
+    /// The newest version of `key` in the memtables, if they have one.
+    pub fn get(&self, name: &str, key: &MemKey) -> Option<Slot> {
+        self.each().find_map(|m| read(m).get(name, key).cloned())
+    }
+
+    /// Add the memtables' rows of `name` within the bounds to `into`
+    /// (keys already there win).
+    pub fn collect(
+        &self,
+        name: &str,
+        bounds: (Bound<&MemKey>, Bound<&MemKey>),
+        into: &mut BTreeMap<MemKey, Slot>,
+    ) {
+        for m in self.each() {
+            read(m).collect(name, bounds, into);
+        }
+    }
+}
+
+/// Read access to a memtable (a panic elsewhere does not make its rows
+/// unreadable: writers only ever leave it consistent between calls).
+pub(super) fn read(m: &RwLock<Mem>) -> std::sync::RwLockReadGuard<'_, Mem> {
+    m.read().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Write access to a memtable.
+pub(super) fn write(m: &RwLock<Mem>) -> std::sync::RwLockWriteGuard<'_, Mem> {
+    m.write().unwrap_or_else(|p| p.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(s: &str) -> MemKey {
+        MemKey::new(s.as_bytes(), |a, b| a.cmp(b))
+    }
+    fn val(s: &str) -> Slot {
+        Slot {
+            value: Some(Arc::from(s.as_bytes())),
+            fresh: false,
+        }
+    }
+    fn fresh(s: &str) -> Slot {
+        Slot {
+            fresh: true,
+            ..val(s)
+        }
+    }
+    const GONE: Slot = Slot {
+        value: None,
+        fresh: false,
+    };
+    fn shown(m: &Mem) -> Vec<(String, Option<String>)> {
+        m.tables()
+            .iter()
+            .flat_map(|t| t.rows.iter())
+            .map(|(k, s)| {
+                (
+                    String::from_utf8(k.bytes.to_vec()).unwrap(),
+                    s.value
+                        .as_ref()
+                        .map(|v| String::from_utf8(v.to_vec()).unwrap()),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_fresh_row_removed_leaves_nothing_and_an_old_one_a_tombstone() {
+        let mut m = Mem::default();
+        m.put("t", key("a"), fresh("1"));
+        m.put("t", key("a"), val("2")); // still fresh: nothing below
+        m.put("t", key("b"), val("1"));
+        m.put("t", key("a"), GONE);
+        m.put("t", key("b"), GONE);
+        assert_eq!(shown(&m), vec![("b".into(), None)]);
+    }
+
+    #[test]
+    fn absorbing_a_batch_applies_the_same_rules_in_order() {
+        let mut active = Mem::default();
+        active.put("t", key("a"), fresh("1"));
+        active.put("t", key("c"), val("1"));
+        let mut batch = Mem::default();
+        batch.put("t", key("a"), GONE);
+        batch.put("t", key("b"), fresh("2"));
+        batch.put("t", key("c"), val("3"));
+        active.absorb(batch);
+        assert_eq!(
+            shown(&active),
+            vec![
+                ("b".into(), Some("2".into())),
+                ("c".into(), Some("3".into()))
+            ]
+        );
+    }
+
+    #[test]
+    fn newer_layers_win_in_gets_and_ranges() {
+        let layers = Layers::default();
+        let frozen = Arc::new(RwLock::new(Mem::default()));
+        write(&frozen).put("t", key("a"), val("old"));
+        write(&frozen).put("t", key("b"), val("old"));
+        write(&layers.active).put("t", key("a"), GONE);
+        write(&layers.active).put("t", key("c"), val("new"));
+        let layers = Layers {
+            frozen: Some(frozen),
+            ..layers
+        };
+        assert!(layers.get("t", &key("a")).unwrap().value.is_none());
+        assert!(layers.get("t", &key("b")).unwrap().value.is_some());
+        assert!(layers.get("u", &key("b")).is_none());
+        let mut got = BTreeMap::new();
+        layers.collect(
+            "t",
+            (Bound::Included(&key("a")), Bound::Excluded(&key("c"))),
+            &mut got,
+        );
+        let got: Vec<_> = got
+            .iter()
+            .map(|(k, s)| (k.bytes.to_vec(), s.value.is_some()))
+            .collect();
+        assert_eq!(got, vec![(b"a".to_vec(), false), (b"b".to_vec(), true)]);
+    }
+}

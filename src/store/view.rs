@@ -1,0 +1,227 @@
+//! Typed reads through the memtables and redb (see `store::mem`).
+//!
+//! [`Read`] is a snapshot: the memtables at the time it was taken plus a
+//! redb read transaction begun at the same time. Rows only ever move
+//! downwards (batch → active → frozen → redb), and a frozen memtable is
+//! only dropped after the redb commit holding its rows, so a snapshot
+//! never misses a row: it may see rows written after it was taken, never
+//! lose one written before.
+
+use std::borrow::Borrow;
+use std::cell::RefCell;
+use std::cmp::Ordering;
+use std::collections::{BTreeMap, btree_map};
+use std::iter::Peekable;
+use std::ops::{Bound, RangeBounds};
+use std::sync::Arc;
+
+use redb::{AccessGuard, Key, ReadTransaction, TableDefinition, TableHandle, Value};
+
+use super::Error;
+use super::mem::{Layers, Mem, MemKey, Slot};
+
+/// A read snapshot of the store (`Store::read`).
+pub struct Read {
+    txn: ReadTransaction,
+    layers: Layers,
+}
+
+impl Read {
+    pub(super) fn new(txn: ReadTransaction, layers: Layers) -> Self {
+        Read { txn, layers }
+    }
+
+    /// Open a table for reading.
+    pub fn open_table<K: Key + 'static, V: Value + 'static>(
+        &self,
+        def: TableDefinition<'static, K, V>,
+    ) -> Result<View<'_, K, V>, Error> {
+        self.view(def, None)
+    }
+
+    pub(super) fn view<'a, K: Key + 'static, V: Value + 'static>(
+        &'a self,
+        def: TableDefinition<'static, K, V>,
+        batch: Option<&'a RefCell<Mem>>,
+    ) -> Result<View<'a, K, V>, Error> {
+        let db = match self.txn.open_table(def) {
+            Ok(t) => Some(t),
+            // Written since the last checkpoint only: all in memory.
+            Err(redb::TableError::TableDoesNotExist(_)) => None,
+            Err(e) => return Err(e.into()),
+        };
+        Ok(View {
+            db,
+            def,
+            layers: &self.layers,
+            batch,
+        })
+    }
+}
+
+/// A table as of a snapshot (and, in a write, the batch's own writes).
+pub struct View<'a, K: Key + 'static, V: Value + 'static> {
+    db: Option<redb::ReadOnlyTable<K, V>>,
+    def: TableDefinition<'static, K, V>,
+    layers: &'a Layers,
+    batch: Option<&'a RefCell<Mem>>,
+}
+
+/// A key or value read from a [`View`]; `value()` decodes it.
+pub enum Got<T: Value + 'static> {
+    /// From redb.
+    Db(AccessGuard<'static, T>),
+    /// From a memtable.
+    Mem(Arc<[u8]>),
+}
+
+impl<T: Value + 'static> Got<T> {
+    /// The decoded key or value.
+    pub fn value(&self) -> T::SelfType<'_> {
+        match self {
+            Got::Db(g) => g.value(),
+            Got::Mem(b) => T::from_bytes(b),
+        }
+    }
+}
+
+/// A row of a range: key and value.
+pub type Row<K, V> = (Got<K>, Got<V>);
+
+pub(super) fn mem_key<K: Key + 'static>(key: &K::SelfType<'_>) -> MemKey {
+    MemKey::new(K::as_bytes(key).as_ref(), K::compare)
+}
+
+impl<'a, K: Key + 'static, V: Value + 'static> View<'a, K, V> {
+    pub(super) fn name(&self) -> &str {
+        self.def.name()
+    }
+
+    /// The newest memtable version of `key`, if any memtable has one.
+    fn in_memory(&self, key: &MemKey) -> Option<Slot> {
+        if let Some(b) = self.batch
+            && let Some(s) = b.borrow().get(self.name(), key)
+        {
+            return Some(s.clone());
+        }
+        self.layers.get(self.name(), key)
+    }
+
+    /// The value stored under `key`.
+    pub fn get<'k>(&self, key: impl Borrow<K::SelfType<'k>>) -> Result<Option<Got<V>>, Error> {
+        if let Some(slot) = self.in_memory(&mem_key::<K>(key.borrow())) {
+            return Ok(slot.value.map(Got::Mem));
+        }
+        match &self.db {
+            Some(t) => Ok(t.get(key)?.map(Got::Db)),
+            None => Ok(None),
+        }
+    }
+
+    /// The rows within `range`, in key order.
+    pub fn range<'k, KR>(&self, range: impl RangeBounds<KR> + 'k) -> Result<Rows<K, V>, Error>
+    where
+        KR: Borrow<K::SelfType<'k>> + 'k,
+    {
+        let enc = |b: Bound<&KR>| b.map(|k| mem_key::<K>(k.borrow()));
+        let (lo, hi) = (enc(range.start_bound()), enc(range.end_bound()));
+        let bounds = (lo.as_ref(), hi.as_ref());
+        let mut mem = BTreeMap::new();
+        if valid(bounds) {
+            if let Some(b) = self.batch {
+                b.borrow().collect(self.name(), bounds, &mut mem);
+            }
+            self.layers.collect(self.name(), bounds, &mut mem);
+        }
+        let db = match &self.db {
+            Some(t) => Some(t.range(range)?),
+            None => None,
+        };
+        Ok(Rows {
+            mem: mem.into_iter().peekable(),
+            db,
+            db_head: None,
+        })
+    }
+
+    /// Every row, in key order.
+    pub fn iter(&self) -> Result<Rows<K, V>, Error> {
+        self.range::<K::SelfType<'_>>(..)
+    }
+
+    /// Rows in the table (counts them: for tests and reports).
+    pub fn len(&self) -> Result<u64, Error> {
+        let mut n = 0u64;
+        for row in self.iter()? {
+            row?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Whether the table has no rows.
+    pub fn is_empty(&self) -> Result<bool, Error> {
+        Ok(self.iter()?.next().transpose()?.is_none())
+    }
+}
+
+/// `BTreeMap::range` panics on inverted bounds; redb returns nothing.
+fn valid((lo, hi): (Bound<&MemKey>, Bound<&MemKey>)) -> bool {
+    match (lo, hi) {
+        (Bound::Included(a) | Bound::Excluded(a), Bound::Included(b) | Bound::Excluded(b)) => {
+            match a.cmp(b) {
+                Ordering::Greater => false,
+                Ordering::Equal => {
+                    matches!((lo, hi), (Bound::Included(_), Bound::Included(_)))
+                }
+                Ordering::Less => true,
+            }
+        }
+        _ => true,
+    }
+}
+
+/// Rows of a range: the memtables' rows merged with redb's, in key order.
+pub struct Rows<K: Key + 'static, V: Value + 'static> {
+    mem: Peekable<btree_map::IntoIter<MemKey, Slot>>,
+    db: Option<redb::Range<'static, K, V>>,
+    db_head: Option<(AccessGuard<'static, K>, AccessGuard<'static, V>)>,
+}
+
+impl<K: Key + 'static, V: Value + 'static> Iterator for Rows<K, V> {
+    type Item = Result<Row<K, V>, Error>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            if self.db_head.is_none()
+                && let Some(db) = &mut self.db
+            {
+                match db.next() {
+                    Some(Ok(row)) => self.db_head = Some(row),
+                    Some(Err(e)) => return Some(Err(e.into())),
+                    None => self.db = None,
+                }
+            }
+            let order = match (self.mem.peek(), &self.db_head) {
+                (None, None) => return None,
+                (Some(_), None) => Ordering::Less,
+                (None, Some(_)) => Ordering::Greater,
+                (Some((m, _)), Some((d, _))) => {
+                    K::compare(&m.bytes, K::as_bytes(&d.value()).as_ref())
+                }
+            };
+            if order == Ordering::Greater {
+                let (k, v) = self.db_head.take().expect("compared above");
+                return Some(Ok((Got::Db(k), Got::Db(v))));
+            }
+            if order == Ordering::Equal {
+                // The memtable's version replaces redb's.
+                self.db_head = None;
+            }
+            let (k, slot) = self.mem.next().expect("compared above");
+            if let Some(v) = slot.value {
+                return Some(Ok((Got::Mem(Arc::from(k.bytes)), Got::Mem(v))));
+            }
+        }
+    }
+}
