@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use redb::{Database, Durability, ReadTransaction, ReadableDatabase, WriteTransaction};
 
-use super::mem::{self, Mem, MemKey, Slot};
+use super::mem::{self, Mem, Slot};
 use super::wal::{self, Wal};
 use super::writer::Shared;
 use super::{Error, META, OpenError, WriteStats, tables, tx};
@@ -129,7 +129,7 @@ pub(super) fn recover(db: &Database, wals: &[Wal]) -> Result<u64, OpenError> {
                 value: op.value.map(Arc::from),
                 fresh: false,
             };
-            mem.put(op.table, MemKey::new(op.key, cmp), slot);
+            mem.put(op.table, cmp, op.key.into(), slot);
             ops += 1;
         }
     }

@@ -20,14 +20,14 @@
 //! `compare`, so ranges merge with redb's.
 
 use std::cmp::Ordering;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::ops::Bound;
 use std::sync::{Arc, RwLock};
 
 /// A key type's ordering over encoded keys (`redb::Key::compare`).
 pub(super) type Cmp = fn(&[u8], &[u8]) -> Ordering;
 
-/// An encoded key with its table's ordering.
+/// An encoded key with its table's ordering (for merging ranges).
 #[derive(Clone)]
 pub(super) struct MemKey {
     pub bytes: Box<[u8]>,
@@ -69,10 +69,23 @@ pub(super) struct Slot {
     pub fresh: bool,
 }
 
-/// One table's rows in a layer.
+/// One table's rows in a layer, by encoded key. A hash map: point reads
+/// and writes are the hot path, and ordering long tuple keys on every
+/// insert cost more than the rest of the memtable together; ranges (rare)
+/// sort what they find.
 pub(super) struct Rows {
     pub name: Box<str>,
-    pub rows: BTreeMap<MemKey, Slot>,
+    pub cmp: Cmp,
+    pub rows: HashMap<Box<[u8]>, Slot>,
+}
+
+impl Rows {
+    /// The rows in key order (for the flusher: redb inserts faster in order).
+    pub fn sorted(&self) -> Vec<(&[u8], &Slot)> {
+        let mut v: Vec<(&[u8], &Slot)> = self.rows.iter().map(|(k, s)| (&**k, s)).collect();
+        v.sort_unstable_by(|a, b| (self.cmp)(a.0, b.0));
+        v
+    }
 }
 
 /// A layer: rows of any number of tables.
@@ -88,13 +101,14 @@ impl Mem {
         self.tables.iter().find(|t| &*t.name == name)
     }
 
-    fn table_mut(&mut self, name: &str) -> &mut Rows {
+    fn table_mut(&mut self, name: &str, cmp: Cmp) -> &mut Rows {
         match self.tables.iter().position(|t| &*t.name == name) {
             Some(i) => &mut self.tables[i],
             None => {
                 self.tables.push(Rows {
                     name: name.into(),
-                    rows: BTreeMap::new(),
+                    cmp,
+                    rows: HashMap::new(),
                 });
                 self.tables.last_mut().expect("just pushed")
             }
@@ -102,14 +116,14 @@ impl Mem {
     }
 
     /// The newest version of `key` in this layer, if the layer has one.
-    pub fn get(&self, name: &str, key: &MemKey) -> Option<&Slot> {
+    pub fn get(&self, name: &str, key: &[u8]) -> Option<&Slot> {
         self.table(name)?.rows.get(key)
     }
 
     /// Write `slot` over whatever this layer holds for `key`.
-    pub fn put(&mut self, name: &str, key: MemKey, mut slot: Slot) {
+    pub fn put(&mut self, name: &str, cmp: Cmp, key: Box<[u8]>, mut slot: Slot) {
         self.puts += 1;
-        let rows = &mut self.table_mut(name).rows;
+        let rows = &mut self.table_mut(name, cmp).rows;
         match rows.get_mut(&key) {
             Some(old) if old.fresh => {
                 if slot.value.is_none() {
@@ -131,7 +145,7 @@ impl Mem {
     pub fn absorb(&mut self, newer: Mem) {
         for t in newer.tables {
             for (k, s) in t.rows {
-                self.put(&t.name, k, s);
+                self.put(&t.name, t.cmp, k, s);
             }
         }
     }
@@ -141,13 +155,24 @@ impl Mem {
     pub fn collect(
         &self,
         name: &str,
-        bounds: (Bound<&MemKey>, Bound<&MemKey>),
+        (lo, hi): (Bound<&MemKey>, Bound<&MemKey>),
         into: &mut BTreeMap<MemKey, Slot>,
     ) {
         let Some(t) = self.table(name) else { return };
-        for (k, s) in t.rows.range::<MemKey, _>(bounds) {
-            if !into.contains_key(k) {
-                into.insert(k.clone(), s.clone());
+        let above = |k: &[u8]| match lo {
+            Bound::Included(b) => (t.cmp)(k, &b.bytes) != Ordering::Less,
+            Bound::Excluded(b) => (t.cmp)(k, &b.bytes) == Ordering::Greater,
+            Bound::Unbounded => true,
+        };
+        let below = |k: &[u8]| match hi {
+            Bound::Included(b) => (t.cmp)(k, &b.bytes) != Ordering::Greater,
+            Bound::Excluded(b) => (t.cmp)(k, &b.bytes) == Ordering::Less,
+            Bound::Unbounded => true,
+        };
+        for (k, s) in &t.rows {
+            if above(k) && below(k) {
+                into.entry(MemKey::new(k, t.cmp))
+                    .or_insert_with(|| s.clone());
             }
         }
     }
@@ -183,7 +208,7 @@ impl Layers {
     }
 
     /// The newest version of `key` in the memtables, if they have one.
-    pub fn get(&self, name: &str, key: &MemKey) -> Option<Slot> {
+    pub fn get(&self, name: &str, key: &[u8]) -> Option<Slot> {
         self.each().find_map(|m| read(m).get(name, key).cloned())
     }
 
@@ -216,8 +241,12 @@ pub(super) fn write(m: &RwLock<Mem>) -> std::sync::RwLockWriteGuard<'_, Mem> {
 mod tests {
     use super::*;
 
-    fn key(s: &str) -> MemKey {
-        MemKey::new(s.as_bytes(), |a, b| a.cmp(b))
+    const ORDER: Cmp = |a, b| a.cmp(b);
+    fn key(s: &str) -> Box<[u8]> {
+        s.as_bytes().into()
+    }
+    fn bound(s: &str) -> MemKey {
+        MemKey::new(s.as_bytes(), ORDER)
     }
     fn val(s: &str) -> Slot {
         Slot {
@@ -238,10 +267,10 @@ mod tests {
     fn shown(m: &Mem) -> Vec<(String, Option<String>)> {
         m.tables()
             .iter()
-            .flat_map(|t| t.rows.iter())
+            .flat_map(|t| t.sorted())
             .map(|(k, s)| {
                 (
-                    String::from_utf8(k.bytes.to_vec()).unwrap(),
+                    String::from_utf8(k.to_vec()).unwrap(),
                     s.value
                         .as_ref()
                         .map(|v| String::from_utf8(v.to_vec()).unwrap()),
@@ -253,23 +282,23 @@ mod tests {
     #[test]
     fn a_fresh_row_removed_leaves_nothing_and_an_old_one_a_tombstone() {
         let mut m = Mem::default();
-        m.put("t", key("a"), fresh("1"));
-        m.put("t", key("a"), val("2")); // still fresh: nothing below
-        m.put("t", key("b"), val("1"));
-        m.put("t", key("a"), GONE);
-        m.put("t", key("b"), GONE);
+        m.put("t", ORDER, key("a"), fresh("1"));
+        m.put("t", ORDER, key("a"), val("2")); // still fresh: nothing below
+        m.put("t", ORDER, key("b"), val("1"));
+        m.put("t", ORDER, key("a"), GONE);
+        m.put("t", ORDER, key("b"), GONE);
         assert_eq!(shown(&m), vec![("b".into(), None)]);
     }
 
     #[test]
     fn absorbing_a_batch_applies_the_same_rules_in_order() {
         let mut active = Mem::default();
-        active.put("t", key("a"), fresh("1"));
-        active.put("t", key("c"), val("1"));
+        active.put("t", ORDER, key("a"), fresh("1"));
+        active.put("t", ORDER, key("c"), val("1"));
         let mut batch = Mem::default();
-        batch.put("t", key("a"), GONE);
-        batch.put("t", key("b"), fresh("2"));
-        batch.put("t", key("c"), val("3"));
+        batch.put("t", ORDER, key("a"), GONE);
+        batch.put("t", ORDER, key("b"), fresh("2"));
+        batch.put("t", ORDER, key("c"), val("3"));
         active.absorb(batch);
         assert_eq!(
             shown(&active),
@@ -284,21 +313,21 @@ mod tests {
     fn newer_layers_win_in_gets_and_ranges() {
         let layers = Layers::default();
         let frozen = Arc::new(RwLock::new(Mem::default()));
-        write(&frozen).put("t", key("a"), val("old"));
-        write(&frozen).put("t", key("b"), val("old"));
-        write(&layers.active).put("t", key("a"), GONE);
-        write(&layers.active).put("t", key("c"), val("new"));
+        write(&frozen).put("t", ORDER, key("a"), val("old"));
+        write(&frozen).put("t", ORDER, key("b"), val("old"));
+        write(&layers.active).put("t", ORDER, key("a"), GONE);
+        write(&layers.active).put("t", ORDER, key("c"), val("new"));
         let layers = Layers {
             frozen: Some(frozen),
             ..layers
         };
-        assert!(layers.get("t", &key("a")).unwrap().value.is_none());
-        assert!(layers.get("t", &key("b")).unwrap().value.is_some());
-        assert!(layers.get("u", &key("b")).is_none());
+        assert!(layers.get("t", b"a").unwrap().value.is_none());
+        assert!(layers.get("t", b"b").unwrap().value.is_some());
+        assert!(layers.get("u", b"b").is_none());
         let mut got = BTreeMap::new();
         layers.collect(
             "t",
-            (Bound::Included(&key("a")), Bound::Excluded(&key("c"))),
+            (Bound::Included(&bound("a")), Bound::Excluded(&bound("c"))),
             &mut got,
         );
         let got: Vec<_> = got

@@ -23,7 +23,7 @@ use redb::{Key, TableDefinition, Value, WriteTransaction};
 
 use super::Error;
 use super::mem::{Mem, Rows, Slot};
-use super::view::{Read, View, mem_key};
+use super::view::{Read, View};
 
 const INSERT: u8 = 1;
 const REMOVE: u8 = 2;
@@ -108,16 +108,13 @@ impl<K: Key + 'static, V: Value + 'static> Table<'_, K, V> {
     /// Record an insert (`value` given) or a remove for the log and put it
     /// into the batch's memtable.
     fn put(&self, key: &K::SelfType<'_>, value: Option<&[u8]>, fresh: bool) {
-        let k = mem_key::<K>(key);
-        record(
-            &mut self.log.borrow_mut(),
-            self.view.name(),
-            &k.bytes,
-            value,
-        );
+        let k = K::as_bytes(key);
+        let k = k.as_ref();
+        record(&mut self.log.borrow_mut(), self.view.name(), k, value);
         self.batch.borrow_mut().put(
             self.view.name(),
-            k,
+            K::compare,
+            k.into(),
             Slot {
                 value: value.map(Arc::from),
                 fresh,
@@ -189,10 +186,10 @@ pub(super) fn apply<K: Key + 'static, V: Value + 'static>(
     // record that passed its CRC should never have them, but a clear error
     // beats a panic.
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        for (k, slot) in &rows.rows {
+        for (k, slot) in rows.sorted() {
             match &slot.value {
-                Some(v) => table.insert(K::from_bytes(&k.bytes), V::from_bytes(v))?,
-                None => table.remove(K::from_bytes(&k.bytes))?,
+                Some(v) => table.insert(K::from_bytes(k), V::from_bytes(v))?,
+                None => table.remove(K::from_bytes(k))?,
             };
         }
         Ok::<(), redb::StorageError>(())

@@ -88,7 +88,7 @@ impl<T: Value + 'static> Got<T> {
 /// A row of a range: key and value.
 pub type Row<K, V> = (Got<K>, Got<V>);
 
-pub(super) fn mem_key<K: Key + 'static>(key: &K::SelfType<'_>) -> MemKey {
+fn mem_key<K: Key + 'static>(key: &K::SelfType<'_>) -> MemKey {
     MemKey::new(K::as_bytes(key).as_ref(), K::compare)
 }
 
@@ -98,7 +98,7 @@ impl<'a, K: Key + 'static, V: Value + 'static> View<'a, K, V> {
     }
 
     /// The newest memtable version of `key`, if any memtable has one.
-    fn in_memory(&self, key: &MemKey) -> Option<Slot> {
+    fn in_memory(&self, key: &[u8]) -> Option<Slot> {
         if let Some(b) = self.batch
             && let Some(s) = b.borrow().get(self.name(), key)
         {
@@ -109,7 +109,7 @@ impl<'a, K: Key + 'static, V: Value + 'static> View<'a, K, V> {
 
     /// The value stored under `key`.
     pub fn get<'k>(&self, key: impl Borrow<K::SelfType<'k>>) -> Result<Option<Got<V>>, Error> {
-        if let Some(slot) = self.in_memory(&mem_key::<K>(key.borrow())) {
+        if let Some(slot) = self.in_memory(K::as_bytes(key.borrow()).as_ref()) {
             return Ok(slot.value.map(Got::Mem));
         }
         match &self.db {
