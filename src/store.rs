@@ -13,16 +13,20 @@
 //! batch gets an error, so a half-applied write can never be committed.
 //! Domain outcomes ("handle taken") belong in the closure's `Ok` value.
 //!
-//! # Durability: the write-ahead log
+//! # Durability: the write-ahead log and the memtable
 //! A group commit is made durable by appending its table writes to the
-//! write-ahead log (`store::wal`) and fsyncing that, not by redb's own
-//! fsync: the redb transaction commits with `Durability::None`. Once the
-//! log holds 8 MiB, or 1 MiB with half a second since the last checkpoint
-//! (on a quiet node, after 5 s), a batch commits durably instead, recording
-//! the last logged sequence number in the same transaction (a checkpoint),
-//! and the log starts again from the front. Opening replays the records
-//! after the checkpoint. Closures see a [`Tx`], whose tables record each
-//! insert and remove for the log.
+//! write-ahead log (`store::wal`) and fsyncing that; redb is not touched.
+//! The writes go into an in-memory layer in front of redb, the memtable
+//! (`store::mem`). Once the log file in use holds 8 MiB, or 1 MiB with half
+//! a second since the last checkpoint (on a quiet node, after 5 s), the
+//! writer freezes the memtable and the flusher thread applies it to redb
+//! in one durable commit that also records the last logged sequence number
+//! (a checkpoint, `store::flush`), while the writer logs into the other
+//! log file. Opening replays the records after the checkpoint. Reads
+//! (`Store::read`, and reads inside a write) look through the memtables
+//! before redb (`store::view`). Rows written and removed between two
+//! checkpoints, which is most of a message's bookkeeping, never reach a
+//! B-tree.
 //!
 //! Tables live in the modules that own them (`store::tables`).
 
