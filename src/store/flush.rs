@@ -55,7 +55,7 @@ impl Flusher {
             let t = Instant::now();
             let (done, rows) = {
                 let m = mem::read(&f.mem);
-                (checkpoint(&self.db, &m, f.last), m.puts())
+                (checkpoint(&self.db, &m, f.last), m.rows())
             };
             let took = t.elapsed();
             match done {

@@ -92,8 +92,6 @@ impl Rows {
 #[derive(Default)]
 pub(super) struct Mem {
     tables: Vec<Rows>,
-    /// Rows put since creation (a measure of size, not exact).
-    puts: usize,
 }
 
 impl Mem {
@@ -122,7 +120,6 @@ impl Mem {
 
     /// Write `slot` over whatever this layer holds for `key`.
     pub fn put(&mut self, name: &str, cmp: Cmp, key: Box<[u8]>, mut slot: Slot) {
-        self.puts += 1;
         let rows = &mut self.table_mut(name, cmp).rows;
         match rows.get_mut(&key) {
             Some(old) if old.fresh => {
@@ -182,14 +179,13 @@ impl Mem {
         &self.tables
     }
 
-    /// Rows put since creation.
-    pub fn puts(&self) -> usize {
-        self.puts
+    /// Rows held, tombstones included.
+    pub fn rows(&self) -> usize {
+        self.tables.iter().map(|t| t.rows.len()).sum()
     }
 
     pub fn clear(&mut self) {
         self.tables.iter_mut().for_each(|t| t.rows.clear());
-        self.puts = 0;
     }
 }
 

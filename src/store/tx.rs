@@ -74,11 +74,7 @@ impl<K: Key + 'static, V: Value + 'static> Table<'_, K, V> {
         key: impl Borrow<K::SelfType<'k>>,
         value: impl Borrow<V::SelfType<'v>>,
     ) -> Result<(), Error> {
-        self.put(
-            key.borrow(),
-            Some(V::as_bytes(value.borrow()).as_ref()),
-            false,
-        );
+        self.set(key.borrow(), value.borrow(), false);
         Ok(())
     }
 
@@ -91,11 +87,7 @@ impl<K: Key + 'static, V: Value + 'static> Table<'_, K, V> {
         key: impl Borrow<K::SelfType<'k>>,
         value: impl Borrow<V::SelfType<'v>>,
     ) -> Result<(), Error> {
-        self.put(
-            key.borrow(),
-            Some(V::as_bytes(value.borrow()).as_ref()),
-            true,
-        );
+        self.set(key.borrow(), value.borrow(), true);
         Ok(())
     }
 
@@ -103,6 +95,10 @@ impl<K: Key + 'static, V: Value + 'static> Table<'_, K, V> {
     pub fn remove<'k>(&mut self, key: impl Borrow<K::SelfType<'k>>) -> Result<(), Error> {
         self.put(key.borrow(), None, false);
         Ok(())
+    }
+
+    fn set(&self, key: &K::SelfType<'_>, value: &V::SelfType<'_>, fresh: bool) {
+        self.put(key, Some(V::as_bytes(value).as_ref()), fresh);
     }
 
     /// Record an insert (`value` given) or a remove for the log and put it
