@@ -24,6 +24,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::ops::Bound;
 use std::sync::{Arc, RwLock};
 
+use foldhash::fast::RandomState;
+
 /// A key type's ordering over encoded keys (`redb::Key::compare`).
 pub(super) type Cmp = fn(&[u8], &[u8]) -> Ordering;
 
@@ -72,11 +74,12 @@ pub(super) struct Slot {
 /// One table's rows in a layer, by encoded key. A hash map: point reads
 /// and writes are the hot path, and ordering long tuple keys on every
 /// insert cost more than the rest of the memtable together; ranges (rare)
-/// sort what they find.
+/// sort what they find. Hashed with foldhash, seeded per map: SipHash was
+/// 5% of all CPU time in the delivery benchmark.
 pub(super) struct Rows {
     pub name: Box<str>,
     pub cmp: Cmp,
-    pub rows: HashMap<Box<[u8]>, Slot>,
+    pub rows: HashMap<Box<[u8]>, Slot, RandomState>,
 }
 
 impl Rows {
@@ -106,7 +109,7 @@ impl Mem {
                 self.tables.push(Rows {
                     name: name.into(),
                     cmp,
-                    rows: HashMap::new(),
+                    rows: HashMap::default(),
                 });
                 self.tables.last_mut().expect("just pushed")
             }

@@ -243,6 +243,32 @@ async fn a_clean_close_leaves_the_database_complete_without_the_log() {
 }
 
 #[tokio::test]
+async fn removing_a_key_stored_nowhere_logs_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _w) = Store::open(dir.path()).unwrap();
+    store
+        .write(|txn| txn.open_table(T)?.insert(1, 1))
+        .await
+        .unwrap();
+    let logged = || store.stats().wal_bytes.load(Ordering::Relaxed);
+    let before = logged();
+    store
+        .write(|txn| txn.open_table(T)?.remove(7))
+        .await
+        .unwrap();
+    assert_eq!(logged(), before, "a remove of an absent key was logged");
+    // A stored key is still removed, durably.
+    store
+        .write(|txn| txn.open_table(T)?.remove(1))
+        .await
+        .unwrap();
+    assert!(logged() > before);
+    let copy = snapshot(dir.path());
+    let (reopened, _w) = Store::open(copy.path()).unwrap();
+    assert_eq!(rows(&reopened), vec![]);
+}
+
+#[tokio::test]
 async fn rolled_back_batches_are_not_logged() {
     let dir = tempfile::tempdir().unwrap();
     let (store, _w) = Store::open(dir.path()).unwrap();
