@@ -17,8 +17,8 @@
 //! A group commit is made durable by appending its table writes to the
 //! write-ahead log (`store::wal`) and fsyncing that; redb is not touched.
 //! The writes go into an in-memory layer in front of redb, the memtable
-//! (`store::mem`). Once the log file in use holds 8 MiB, or 1 MiB with half
-//! a second since the last checkpoint (on a quiet node, after 5 s), the
+//! (`store::mem`). Once the log file in use holds 32 MiB, or 1 MiB with 2 s
+//! since the last checkpoint (on a quiet node, after 5 s), the
 //! writer freezes the memtable and the flusher thread applies it to redb
 //! in one durable commit that also records the last logged sequence number
 //! (a checkpoint, `store::flush`), while the writer logs into the other
@@ -53,7 +53,7 @@ use wal::Wal;
 /// File name of the database inside the data dir.
 pub const DB_FILE: &str = "agentmesh.redb";
 /// The schema this build reads and writes.
-pub const SCHEMA_VERSION: u32 = 2;
+pub const SCHEMA_VERSION: u32 = 3;
 /// Queue length of the group committer (backpressure beyond it).
 const WRITE_QUEUE: usize = 16 * 1024;
 /// Most closures in one transaction.
@@ -415,9 +415,17 @@ fn check_schema(db: &Database, path: &Path) -> Result<(), OpenError> {
                         },
                         other => storage(redb::Error::Io(std::io::Error::other(other.to_string()))),
                     })?;
+                    tracing::info!(path = %path.display(), messages = moved, "database upgraded from schema 1 to 2");
+                }
+                if found == 1 || found == 2 {
+                    // Schema 2 → 3 rewrites no rows: `Progress::decode`
+                    // reads schema 2's status rows (the log may replay
+                    // some too), and those rows only change as their
+                    // messages progress. The bump keeps older builds,
+                    // which cannot read schema 3's, from opening the file.
                     meta.insert(META_SCHEMA, SCHEMA_VERSION.to_le_bytes().as_slice())
                         .map_err(|e| storage(e.into()))?;
-                    tracing::info!(path = %path.display(), messages = moved, "database upgraded from schema 1 to 2");
+                    tracing::info!(path = %path.display(), from = found, to = SCHEMA_VERSION, "database schema upgraded");
                 } else if found != SCHEMA_VERSION {
                     return Err(OpenError::UnknownSchema {
                         path: path.to_path_buf(),

@@ -270,6 +270,26 @@ async fn agents_on_one_node_talk_and_replies_are_linked() {
     let v = n.client.get(&format!("/v1/messages/{id}")).await.unwrap();
     assert_eq!(v["replies"], json!([reply_id]));
     assert_eq!(v["result"], json!("done"));
+    // Processed: the sender dropped the envelope, the summary still shows.
+    assert_eq!(
+        (&v["from"], &v["from_handle"], &v["to"], &v["to_handle"]),
+        (&json!(alice), &json!("alice"), &json!(bob), &json!("bob"))
+    );
+    assert_eq!(v["trace_id"], id.as_str(), "trace id defaults to the id");
+    wait_until("the reply delivered", Duration::from_secs(10), || async {
+        status(&n, reply_id).await == "delivered"
+    })
+    .await;
+    let r = n
+        .client
+        .get(&format!("/v1/messages/{reply_id}"))
+        .await
+        .unwrap();
+    assert_eq!(
+        (&r["subject"], &r["reply_to"]),
+        (&json!("re: ping"), &json!(id))
+    );
+    assert_eq!(r["trace_id"], reply_id);
     // Every durable write above went through the write-ahead log.
     let syncs = metric(&n.client, "agentmesh_store_wal_syncs_total").await;
     assert!(syncs.is_some_and(|s| s >= 1.0), "wal syncs: {syncs:?}");

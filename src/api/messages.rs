@@ -127,7 +127,7 @@ pub async fn status(
         ));
     }
     let v = node.delivery().message(&id).map_err(delivery_error)?;
-    let (e, t) = (&v.envelope, &v.tracking);
+    let (s, t) = (&v.summary, &v.tracking);
     let history: Vec<HistoryView> = t
         .history
         .iter()
@@ -138,13 +138,13 @@ pub async fn status(
         })
         .collect();
     Ok(Json(json!({
-        "message_id": e.id,
-        "from": e.from,
-        "from_handle": e.from_handle,
-        "to": e.to,
+        "message_id": v.id,
+        "from": s.from,
+        "from_handle": s.from_handle,
+        "to": s.to,
         "to_handle": t.to_handle,
         "to_node": t.to_node,
-        "subject": e.subject,
+        "subject": s.subject,
         "status": t.status.as_str(),
         "attempts": t.attempts,
         "created_at": rfc3339(t.created_at_ms),
@@ -153,9 +153,9 @@ pub async fn status(
         "history": history,
         "result": t.result_json.as_deref().and_then(|r| serde_json::from_str::<Value>(r).ok()),
         "last_error": t.last_error,
-        "reply_to": e.reply_to,
+        "reply_to": s.reply_to,
         "replies": v.replies,
-        "trace_id": e.trace_id,
+        "trace_id": s.trace_id,
     })))
 }
 

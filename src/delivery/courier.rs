@@ -279,7 +279,8 @@ fn load_outbound(
             continue;
         }
         let stored = msgs.get(item.id.as_str()).map_err(|e| e.to_string())?;
-        let Some(Ok((_, raw))) = stored.as_ref().map(|v| records::split_outgoing(v.value())) else {
+        let Some(Ok((head, raw))) = stored.as_ref().map(|v| records::split_outgoing(v.value()))
+        else {
             gone.push(item.id.clone());
             continue;
         };
@@ -293,7 +294,7 @@ fn load_outbound(
         if progress.status.is_final() {
             gone.push(item.id.clone());
         } else {
-            outs.push(Arc::new(Outbound::new(&env, raw.to_vec())));
+            outs.push(Arc::new(Outbound::new(&env, &head, raw.to_vec())));
         }
     }
     Ok((outs, gone))
@@ -351,7 +352,7 @@ async fn send_messages(
                         peer,
                         Item {
                             id: o.id.clone(),
-                            expires_at_ms: o.expires_at_ms,
+                            expires_at_ms: o.summary.expires_at_ms,
                             size: o.bytes.len() as u64,
                             env: None,
                         },
@@ -373,7 +374,8 @@ async fn request_delivery(
     peer: PeerId,
     outs: &[Arc<Outbound>],
 ) -> Result<Vec<Outcome>, String> {
-    let senders: HashSet<&crate::identity::AgentId> = outs.iter().map(|o| &o.from).collect();
+    let senders: HashSet<&crate::identity::AgentId> =
+        outs.iter().map(|o| &o.summary.from).collect();
     let sender_ads: Vec<_> = d.inner.discovery.with_registry(|r| {
         senders
             .iter()
@@ -416,7 +418,7 @@ async fn request_delivery(
 async fn note_failure(d: &Delivery, outs: &[Arc<Outbound>], error: &str) {
     let ids: Vec<(String, u64)> = outs
         .iter()
-        .map(|o| (o.id.clone(), o.created_at_ms))
+        .map(|o| (o.id.clone(), o.summary.created_at_ms))
         .collect();
     let error = error.to_string();
     // Lazy: attempt counts and errors are informational.
@@ -446,7 +448,7 @@ async fn note_failure(d: &Delivery, outs: &[Arc<Outbound>], error: &str) {
 /// After a failure, make sure the swarm knows the recipient node's current
 /// addresses: from the registry, else from the DHT.
 async fn refresh_addresses(d: &Delivery, peer: PeerId, outs: &[Arc<Outbound>]) {
-    let Some(to) = outs.first().map(|o| o.to.clone()) else {
+    let Some(to) = outs.first().map(|o| o.summary.to.clone()) else {
         return;
     };
     let known = d
@@ -489,10 +491,11 @@ async fn apply_outcomes(
         .write_lazy(move |txn| {
             let mut status = txn.open_table(OUT_STATUS)?;
             let mut outbox = txn.open_table(OUTBOX)?;
+            let mut msgs = txn.open_table(OUT_MESSAGES)?;
             let now = now_ms();
             for (out, outcome) in outs.iter().zip(outcomes) {
                 outbox.remove((node.as_str(), out.id.as_str()))?;
-                let mut p = Progress::load(&status, &out.id, out.created_at_ms)?;
+                let mut p = Progress::load(&status, &out.id, out.summary.created_at_ms)?;
                 if p.status.is_final() {
                     continue;
                 }
@@ -511,12 +514,17 @@ async fn apply_outcomes(
                     Outcome::Rejected(Rejection::UnknownRecipient) => p.advance(
                         Status::Failed,
                         now,
-                        Some(format!("agent {} is not registered on node {node}", out.to)),
+                        Some(format!(
+                            "agent {} is not registered on node {node}",
+                            out.summary.to
+                        )),
                     ),
                     Outcome::Rejected(Rejection::Invalid(why)) => {
                         p.advance(Status::Failed, now, Some(why))
                     }
                 };
+                // Delivered or final: the envelope is no longer needed.
+                records::hand_over(&mut msgs, &out.id, &mut p, Some(&out.summary))?;
                 status.insert(out.id.as_str(), wire::encode(&p).as_slice())?;
             }
             Ok(())
@@ -612,6 +620,7 @@ async fn expire(d: &Delivery, st: &mut State) {
         .write(move |txn| {
             let mut status = txn.open_table(OUT_STATUS)?;
             let mut outbox = txn.open_table(OUTBOX)?;
+            let mut msgs = txn.open_table(OUT_MESSAGES)?;
             for (peer, item) in &gone {
                 outbox.remove((peer.to_string().as_str(), item.id.as_str()))?;
                 let created = ids::time_of(&item.id).unwrap_or(now);
@@ -621,6 +630,8 @@ async fn expire(d: &Delivery, st: &mut State) {
                     None => "TTL elapsed before delivery".to_string(),
                 };
                 if p.advance(Status::Expired, now, Some(detail)) {
+                    let known = item.env.as_ref().map(|c| &c.outbound().summary);
+                    records::hand_over(&mut msgs, &item.id, &mut p, known)?;
                     status.insert(item.id.as_str(), wire::encode(&p).as_slice())?;
                 }
             }

@@ -170,7 +170,7 @@ fn tracking_chunk(
         rows.push((k.value().to_string(), v.value().to_vec()));
     }
     for (id, v) in &rows {
-        let p: Progress = records::decode("out_status", v)?;
+        let p = Progress::decode(v)?;
         if !p.status.is_final() || p.updated_at_ms.saturating_add(retention) > now {
             continue;
         }

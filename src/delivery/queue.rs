@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use libp2p::PeerId;
 
-use crate::identity::AgentId;
+use super::records::{OutHead, Summary};
 use crate::wire::Envelope;
 
 /// One queued item (a message or a receipt) by reference: its body is on
@@ -38,14 +38,8 @@ pub struct Item {
 pub struct Outbound {
     /// Message id.
     pub id: String,
-    /// Sending agent.
-    pub from: AgentId,
-    /// Receiving agent.
-    pub to: AgentId,
-    /// Created, ms.
-    pub created_at_ms: u64,
-    /// Expiry, ms.
-    pub expires_at_ms: u64,
+    /// Where it goes and what status queries show of it.
+    pub summary: Summary,
     /// Body length, bytes.
     pub body_len: usize,
     /// The wire encoding of the envelope.
@@ -53,14 +47,11 @@ pub struct Outbound {
 }
 
 impl Outbound {
-    /// `env` and its wire encoding.
-    pub fn new(env: &Envelope, bytes: Vec<u8>) -> Self {
+    /// `env`, sent as `head` says, and its wire encoding.
+    pub fn new(env: &Envelope, head: &OutHead, bytes: Vec<u8>) -> Self {
         Outbound {
             id: env.id.clone(),
-            from: env.from.clone(),
-            to: env.to.clone(),
-            created_at_ms: env.created_at_ms,
-            expires_at_ms: env.expires_at_ms,
+            summary: Summary::of(env, head),
             body_len: env.body_json.len(),
             bytes,
         }

@@ -81,7 +81,8 @@ pub struct HistoryEntry {
 }
 
 /// Sender-side tracking of one message, as queries show it: where it went
-/// (from its `OUT_MESSAGES` record) and how far it got (its `Progress`).
+/// (its [`Summary`]) and how far it got (its `Progress`). Also schema 1's
+/// `OUT_STATUS` value (`store::migrate`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Tracking {
     /// Recipient agent.
@@ -110,20 +111,68 @@ pub struct Tracking {
 
 impl Tracking {
     /// Put together the stored parts of a sent message.
-    pub fn from_parts(env: &Envelope, head: OutHead, progress: Option<Progress>) -> Self {
-        let p = progress.unwrap_or_else(|| Progress::queued(env.created_at_ms));
+    pub fn from_parts(sent: &Summary, progress: Option<Progress>) -> Self {
+        let p = progress.unwrap_or_else(|| Progress::queued(sent.created_at_ms));
         Tracking {
-            to: env.to.clone(),
-            to_handle: head.to_handle,
-            to_node: head.to_node,
+            to: sent.to.clone(),
+            to_handle: sent.to_handle.clone(),
+            to_node: sent.to_node.clone(),
             status: p.status,
             attempts: p.attempts,
-            created_at_ms: env.created_at_ms,
+            created_at_ms: sent.created_at_ms,
             updated_at_ms: p.updated_at_ms,
-            expires_at_ms: env.expires_at_ms,
+            expires_at_ms: sent.expires_at_ms,
             history: p.history,
             last_error: p.last_error,
             result_json: p.result_json,
+        }
+    }
+}
+
+/// What the sender keeps of a message once its envelope is gone: what
+/// status queries show. A message's `OUT_MESSAGES` row (head + envelope)
+/// lives only until the recipient's node has the message or it reaches a
+/// final state; then its `Progress` takes this summary over. So the
+/// envelope of a message delivered within a checkpoint interval never
+/// reaches a B-tree (it was 80% of the bytes the flusher wrote).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Summary {
+    /// Sending agent.
+    pub from: AgentId,
+    /// Its handle.
+    pub from_handle: String,
+    /// Recipient agent.
+    pub to: AgentId,
+    /// Its handle when sent.
+    pub to_handle: String,
+    /// Its node.
+    pub to_node: String,
+    /// Subject line.
+    pub subject: Option<String>,
+    /// The message this one answers.
+    pub reply_to: Option<String>,
+    /// Trace id.
+    pub trace_id: String,
+    /// Created, ms.
+    pub created_at_ms: u64,
+    /// Expiry, ms.
+    pub expires_at_ms: u64,
+}
+
+impl Summary {
+    /// The summary of `env`, sent as `head` says.
+    pub fn of(env: &Envelope, head: &OutHead) -> Self {
+        Summary {
+            from: env.from.clone(),
+            from_handle: env.from_handle.clone(),
+            to: env.to.clone(),
+            to_handle: head.to_handle.clone(),
+            to_node: head.to_node.clone(),
+            subject: env.subject.clone(),
+            reply_to: env.reply_to.clone(),
+            trace_id: env.trace_id.clone(),
+            created_at_ms: env.created_at_ms,
+            expires_at_ms: env.expires_at_ms,
         }
     }
 }
@@ -145,6 +194,20 @@ pub struct Progress {
     pub last_error: Option<String>,
     /// The recipient's `result`, as JSON text.
     pub result_json: Option<String>,
+    /// Set when the message leaves `OUT_MESSAGES` (see [`Summary`]).
+    pub summary: Option<Summary>,
+}
+
+/// `Progress` as schema 2 stored it (no summary); still read, since such
+/// rows stay until garbage collection and the log may replay them.
+#[derive(Deserialize)]
+struct ProgressV2 {
+    status: Status,
+    attempts: u32,
+    updated_at_ms: u64,
+    history: Vec<HistoryEntry>,
+    last_error: Option<String>,
+    result_json: Option<String>,
 }
 
 impl Progress {
@@ -161,6 +224,26 @@ impl Progress {
             }],
             last_error: None,
             result_json: None,
+            summary: None,
+        }
+    }
+
+    /// Decode an `OUT_STATUS` value, in this schema's layout or schema 2's.
+    pub fn decode(bytes: &[u8]) -> Result<Self, store::Error> {
+        match decode("out_status", bytes) {
+            Ok(p) => Ok(p),
+            Err(e) => match wire::decode::<ProgressV2>(bytes, wire::MAX_FRAME_BYTES) {
+                Ok(v) => Ok(Progress {
+                    status: v.status,
+                    attempts: v.attempts,
+                    updated_at_ms: v.updated_at_ms,
+                    history: v.history,
+                    last_error: v.last_error,
+                    result_json: v.result_json,
+                    summary: None,
+                }),
+                Err(_) => Err(e),
+            },
         }
     }
 
@@ -172,7 +255,7 @@ impl Progress {
         created_at_ms: u64,
     ) -> Result<Self, store::Error> {
         match table.get(id)? {
-            Some(v) => decode("out_status", v.value()),
+            Some(v) => Progress::decode(v.value()),
             None => Ok(Progress::queued(created_at_ms)),
         }
     }
@@ -210,7 +293,8 @@ pub struct OutHead {
 }
 
 /// An `OUT_MESSAGES` value: a 4-byte little-endian length, the encoded
-/// `OutHead`, then the envelope exactly as it goes on the wire.
+/// `OutHead`, then the envelope exactly as it goes on the wire. The row
+/// lives until the message is handed over or final (see [`Summary`]).
 pub fn encode_outgoing(head: &OutHead, envelope: &[u8]) -> Vec<u8> {
     let head = wire::encode(head);
     let mut out = Vec::with_capacity(4 + head.len() + envelope.len());
@@ -240,6 +324,32 @@ pub fn split_outgoing(value: &[u8]) -> Result<(OutHead, &[u8]), store::Error> {
 pub fn decode_outgoing(value: &[u8]) -> Result<(OutHead, Envelope), store::Error> {
     let (head, env) = split_outgoing(value)?;
     Ok((head, decode("out_messages", env)?))
+}
+
+/// The message leaves `OUT_MESSAGES` (handed over to its recipient's node,
+/// or final): `p` takes over its summary, from `known` when the caller has
+/// it, else from the stored envelope. Write `p` in the same transaction.
+pub fn hand_over(
+    msgs: &mut store::Table<'_, &'static str, &'static [u8]>,
+    id: &str,
+    p: &mut Progress,
+    known: Option<&Summary>,
+) -> Result<(), store::Error> {
+    if p.summary.is_some() {
+        // Handed over before (the summary is only ever set here).
+        return Ok(());
+    }
+    p.summary = match known {
+        Some(s) => Some(s.clone()),
+        None => match msgs.get(id)? {
+            Some(v) => {
+                let (head, env) = decode_outgoing(v.value())?;
+                Some(Summary::of(&env, &head))
+            }
+            None => None,
+        },
+    };
+    msgs.remove(id)
 }
 
 /// State of an inbox entry.
@@ -336,6 +446,104 @@ mod tests {
     }
 
     #[test]
+    fn schema_2_status_rows_still_decode() {
+        #[derive(Serialize)]
+        struct V2 {
+            status: Status,
+            attempts: u32,
+            updated_at_ms: u64,
+            history: Vec<HistoryEntry>,
+            last_error: Option<String>,
+            result_json: Option<String>,
+        }
+        let old = wire::encode(&V2 {
+            status: Status::Delivered,
+            attempts: 2,
+            updated_at_ms: 7,
+            history: Vec::new(),
+            last_error: Some("slow".into()),
+            result_json: None,
+        });
+        let p = Progress::decode(&old).unwrap();
+        assert_eq!(
+            (p.status, p.attempts, p.summary.clone()),
+            (Status::Delivered, 2, None)
+        );
+        let mut now = p.clone();
+        now.summary = Some(summary());
+        assert_eq!(Progress::decode(&wire::encode(&now)).unwrap(), now);
+        let err = Progress::decode(&old[..old.len() - 1]).unwrap_err();
+        assert!(err.to_string().contains("out_status"), "{err}");
+    }
+
+    fn envelope() -> Envelope {
+        let k = crate::identity::generate_key().unwrap();
+        let id = AgentId::from_public(&k.verifying_key().to_bytes());
+        Envelope {
+            id: "m1".into(),
+            from: id.clone(),
+            from_handle: "alice".into(),
+            to: id,
+            subject: Some("hi".into()),
+            body_json: "{}".into(),
+            reply_to: Some("m0".into()),
+            created_at_ms: 1,
+            expires_at_ms: 100,
+            trace_id: "t".into(),
+            delegation_json: None,
+        }
+    }
+
+    fn head() -> OutHead {
+        OutHead {
+            to_handle: "bob".into(),
+            to_node: "node".into(),
+        }
+    }
+
+    fn summary() -> Summary {
+        Summary::of(&envelope(), &head())
+    }
+
+    #[tokio::test]
+    async fn handing_over_moves_the_summary_and_drops_the_envelope() {
+        use crate::store::{Store, tables::OUT_MESSAGES};
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _w) = Store::open(dir.path()).unwrap();
+        let env = envelope();
+        let rec = encode_outgoing(&head(), &wire::encode(&env));
+        store
+            .write(move |txn| {
+                txn.open_table(OUT_MESSAGES)?
+                    .insert_new("m1", rec.as_slice())
+            })
+            .await
+            .unwrap();
+        let p = store
+            .write(|txn| {
+                let mut msgs = txn.open_table(OUT_MESSAGES)?;
+                let mut p = Progress::queued(1);
+                p.advance(Status::Delivered, 2, None);
+                hand_over(&mut msgs, "m1", &mut p, None)?;
+                assert!(msgs.get("m1")?.is_none(), "the envelope is gone");
+                // Again: nothing more happens, the summary stays.
+                hand_over(&mut msgs, "m1", &mut p, None)?;
+                Ok(p)
+            })
+            .await
+            .unwrap();
+        assert_eq!(p.summary, Some(Summary::of(&env, &head())));
+        let r = store.read().unwrap();
+        assert!(
+            r.open_table(OUT_MESSAGES)
+                .unwrap()
+                .get("m1")
+                .unwrap()
+                .is_none()
+        );
+    }
+
+    #[test]
     fn outgoing_record_splits_into_head_and_envelope() {
         let k = crate::identity::generate_key().unwrap();
         let id = AgentId::from_public(&k.verifying_key().to_bytes());
@@ -361,8 +569,9 @@ mod tests {
         let (h, raw) = split_outgoing(&rec).unwrap();
         assert_eq!((h, raw), (head.clone(), bytes.as_slice()));
         assert_eq!(decode_outgoing(&rec).unwrap(), (head.clone(), env.clone()));
-        let t = Tracking::from_parts(&env, head, None);
+        let t = Tracking::from_parts(&Summary::of(&env, &head), None);
         assert_eq!((t.status, t.history.len()), (Status::Queued, 1));
+        assert_eq!((t.to_handle.as_str(), t.expires_at_ms), ("bob", 100));
         // Damaged records are errors naming the table, never panics.
         for bad in [&rec[..2], &rec[..6], &[255, 255, 255, 255, 0][..]] {
             let err = split_outgoing(bad).unwrap_err();

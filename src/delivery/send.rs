@@ -156,7 +156,11 @@ impl Delivery {
             .map(|(env, head, _)| {
                 let bytes = wire::encode(env);
                 let record = records::encode_outgoing(head, &bytes);
-                (Outbound::new(env, bytes), record, head.to_node.clone())
+                (
+                    Outbound::new(env, head, bytes),
+                    record,
+                    head.to_node.clone(),
+                )
             })
             .collect();
         let replies: Vec<(String, String)> = prepared
@@ -192,7 +196,7 @@ impl Delivery {
                     msgs.insert_new(out.id.as_str(), record.as_slice())?;
                     outbox.insert_new(
                         (to_node.as_str(), out.id.as_str()),
-                        (out.expires_at_ms, out.bytes.len() as u64),
+                        (out.summary.expires_at_ms, out.bytes.len() as u64),
                     )?;
                 }
                 if !replies.is_empty() {
@@ -221,8 +225,8 @@ impl Delivery {
             if r.node_id != self.inner.node_id {
                 self.teach_addresses(r).await;
             }
-            messages.push((out.id.clone(), out.to.clone()));
-            let (id, expires_at_ms) = (out.id.clone(), out.expires_at_ms);
+            messages.push((out.id.clone(), out.summary.to.clone()));
+            let (id, expires_at_ms) = (out.id.clone(), out.summary.expires_at_ms);
             let size = out.bytes.len() as u64;
             let env = Cached::try_new(Arc::new(out), &self.inner.cached_bytes, CACHED_BYTES_LIMIT);
             items.push((

@@ -3,18 +3,20 @@
 use libp2p::PeerId;
 use tracing::debug;
 
-use super::records::{self, HistoryEntry, Progress, Status, Tracking};
+use super::records::{self, HistoryEntry, Progress, Status, Summary, Tracking};
 use super::{Delivery, Error, Stats, ids, verify_node_sig};
 use crate::store::tables::{OUT_MESSAGES, OUT_STATUS, OUTBOX, REPLIES};
 use crate::time::now_ms;
 use crate::wire::envelope::ReceiptPayload;
-use crate::wire::{self, Envelope, Receipt, ReceiptKind};
+use crate::wire::{self, Receipt, ReceiptKind};
 
 /// A message as the sender's node tracks it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MessageView {
-    /// The message.
-    pub envelope: Envelope,
+    /// Message id.
+    pub id: String,
+    /// Where it went (its envelope is not kept once it is delivered).
+    pub summary: Summary,
     /// Its tracking.
     pub tracking: Tracking,
     /// Ids of replies known on this node.
@@ -26,20 +28,28 @@ impl Delivery {
     pub fn message(&self, id: &str) -> Result<MessageView, Error> {
         let r = self.inner.store.read()?;
         let e = Error::Store;
-        let msgs = r.open_table(OUT_MESSAGES)?;
         let status = r.open_table(OUT_STATUS)?;
-        let Some(stored) = msgs.get(id).map_err(e)? else {
-            return Err(Error::UnknownMessage(id.to_string()));
-        };
-        let (head, envelope) = records::decode_outgoing(stored.value())?;
-        let progress: Option<Progress> = status
+        let progress = status
             .get(id)
             .map_err(e)?
-            .map(|v| records::decode("out_status", v.value()))
+            .map(|v| Progress::decode(v.value()))
             .transpose()?;
-        let tracking = Tracking::from_parts(&envelope, head, progress);
+        let summary = match progress.as_ref().and_then(|p| p.summary.clone()) {
+            Some(s) => s,
+            // Not handed over yet: the envelope row has it.
+            None => {
+                let msgs = r.open_table(OUT_MESSAGES)?;
+                let Some(stored) = msgs.get(id).map_err(e)? else {
+                    return Err(Error::UnknownMessage(id.to_string()));
+                };
+                let (head, envelope) = records::decode_outgoing(stored.value())?;
+                Summary::of(&envelope, &head)
+            }
+        };
+        let tracking = Tracking::from_parts(&summary, progress);
         Ok(MessageView {
-            envelope,
+            id: id.to_string(),
+            summary,
             tracking,
             replies: self.replies_to(id)?,
         })
@@ -94,23 +104,29 @@ impl Delivery {
             .inner
             .store
             .write(move |txn| {
-                let msgs = txn.open_table(OUT_MESSAGES)?;
+                let mut msgs = txn.open_table(OUT_MESSAGES)?;
                 let mut status = txn.open_table(OUT_STATUS)?;
                 let mut outbox = txn.open_table(OUTBOX)?;
                 let mut applied = 0usize;
                 for rc in receipts {
                     let id = rc.message_id.as_str();
-                    let Some(stored) = msgs.get(id)? else {
-                        continue;
+                    let stored = status
+                        .get(id)?
+                        .map(|v| Progress::decode(v.value()))
+                        .transpose()?;
+                    let to_node = match stored.as_ref().and_then(|p| p.summary.as_ref()) {
+                        Some(s) => s.to_node.clone(),
+                        None => match msgs.get(id)? {
+                            Some(v) => records::split_outgoing(v.value())?.0.to_node,
+                            None => continue,
+                        },
                     };
-                    let (head, _) = records::split_outgoing(stored.value())?;
-                    drop(stored);
-                    if head.to_node != node {
+                    if to_node != node {
                         debug!(%id, from = %node, "receipt from a node the message was not sent to; ignored");
                         continue;
                     }
                     let created = ids::time_of(id).unwrap_or(0);
-                    let mut p = Progress::load(&status, id, created)?;
+                    let mut p = stored.unwrap_or_else(|| Progress::queued(created));
                     let at = rc.at_ms.min(now_ms());
                     let changed = match rc.kind {
                         ReceiptKind::Processed { result_json } => {
@@ -131,6 +147,8 @@ impl Delivery {
                     };
                     if changed {
                         ensure_delivered_step(&mut p.history);
+                        // Every receipt is final: the envelope goes.
+                        records::hand_over(&mut msgs, id, &mut p, None)?;
                         status.insert(id, wire::encode(&p).as_slice())?;
                         outbox.remove((node.as_str(), id))?;
                         applied += 1;

@@ -59,6 +59,7 @@ pub(super) fn v1_to_v2(txn: &WriteTransaction) -> Result<usize, Error> {
                 history: t.history,
                 last_error: t.last_error,
                 result_json: t.result_json,
+                summary: None,
             };
             status.insert(id.as_str(), crate::wire::encode(&progress).as_slice())?;
             moved += 1;
@@ -73,7 +74,7 @@ mod tests {
     use super::*;
     use crate::delivery::records::{HistoryEntry, Status};
     use crate::identity::AgentId;
-    use crate::store::{DB_FILE, META, META_SCHEMA, Store, open_and_close};
+    use crate::store::{DB_FILE, META, META_SCHEMA, SCHEMA_VERSION, Store, open_and_close};
     use crate::wire::{self, Envelope};
 
     fn envelope(id: &str) -> Envelope {
@@ -146,7 +147,7 @@ mod tests {
             let r = s.read().unwrap();
             let meta = r.open_table(META).unwrap();
             let v = meta.get(META_SCHEMA).unwrap().unwrap().value().to_vec();
-            assert_eq!(v, 2u32.to_le_bytes());
+            assert_eq!(v, SCHEMA_VERSION.to_le_bytes());
             let msgs = r.open_table(OUT_MESSAGES).unwrap();
             let status = r.open_table(OUT_STATUS).unwrap();
             assert!(msgs.get("orphan").unwrap().is_none());
@@ -155,11 +156,8 @@ mod tests {
                 let (head, got) = records::decode_outgoing(row.value()).unwrap();
                 assert_eq!((head.to_handle.as_str(), got), ("bob", env.clone()));
                 assert_eq!(head.to_node, format!("node{i}"));
-                let p: Progress = records::decode(
-                    "out_status",
-                    status.get(env.id.as_str()).unwrap().unwrap().value(),
-                )
-                .unwrap();
+                let p = Progress::decode(status.get(env.id.as_str()).unwrap().unwrap().value())
+                    .unwrap();
                 assert_eq!(
                     (p.status, p.attempts, p.updated_at_ms),
                     (Status::Delivered, 1, 20)
@@ -168,7 +166,7 @@ mod tests {
         }
         drop(s);
         w.join();
-        // Opening again is a no-op: the file is schema 2 now.
+        // Opening again is a no-op: the file is the current schema now.
         open_and_close(dir.path());
     }
 }

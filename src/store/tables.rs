@@ -12,11 +12,14 @@ pub(crate) const LOCAL_AGENTS: TableDefinition<&str, &[u8]> = TableDefinition::n
 /// Every known agent's latest verified ad, by agent id (`discovery`).
 pub(crate) const REGISTRY: TableDefinition<&str, &[u8]> = TableDefinition::new("registry");
 
-/// Sent messages, by message id: routing head + wire envelope
-/// (`delivery::records::encode_outgoing`); written once (`delivery`).
+/// Sent messages not yet handed over, by message id: routing head + wire
+/// envelope (`delivery::records::encode_outgoing`). Removed once the
+/// recipient's node has the message or it is final; its `OUT_STATUS` row
+/// then holds a summary (`delivery::records::hand_over`).
 pub(crate) const OUT_MESSAGES: TableDefinition<&str, &[u8]> = TableDefinition::new("out_messages");
-/// Sent messages' progress (status, history, result), by message id; no row
-/// while a message is still queued (`delivery::records::Progress`).
+/// Sent messages' progress (status, history, result, and once handed
+/// over the summary), by message id; no row while a message is still
+/// queued (`delivery::records::Progress`).
 pub(crate) const OUT_STATUS: TableDefinition<&str, &[u8]> = TableDefinition::new("out_status");
 /// Messages not yet handed over: `(recipient node, message id)` → `(expiry ms, size)`.
 pub(crate) const OUTBOX: TableDefinition<(&str, &str), (u64, u64)> = TableDefinition::new("outbox");
