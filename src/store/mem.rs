@@ -141,10 +141,11 @@ impl Mem {
         }
     }
 
-    /// Move every row of `newer` over this layer's.
-    pub fn absorb(&mut self, newer: Mem) {
-        for t in newer.tables {
-            for (k, s) in t.rows {
+    /// Move every row of `newer` over this layer's, leaving `newer` empty
+    /// (its maps keep their room for the next batch).
+    pub fn absorb(&mut self, newer: &mut Mem) {
+        for t in &mut newer.tables {
+            for (k, s) in t.rows.drain() {
                 self.put(&t.name, t.cmp, k, s);
             }
         }
@@ -298,7 +299,7 @@ mod tests {
         batch.put("t", ORDER, key("a"), GONE);
         batch.put("t", ORDER, key("b"), fresh("2"));
         batch.put("t", ORDER, key("c"), val("3"));
-        active.absorb(batch);
+        active.absorb(&mut batch);
         assert_eq!(
             shown(&active),
             vec![

@@ -41,7 +41,7 @@ impl<'a> Tx<'a> {
     }
 
     /// Open a table for reading and writing in this transaction.
-    pub fn open_table<K: Key + 'static, V: Value + 'static>(
+    pub fn open_table<K: Key + Send + Sync + 'static, V: Value + Send + Sync + 'static>(
         &self,
         def: TableDefinition<'static, K, V>,
     ) -> Result<Table<'a, K, V>, Error> {

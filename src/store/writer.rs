@@ -121,7 +121,8 @@ pub(super) struct Writer {
     /// The two log files; `cur` takes new records.
     wals: [Wal; 2],
     cur: usize,
-    /// The running batch's writes: its memtable layer and its log record.
+    /// The running batch's writes: its memtable layer and its log record
+    /// (the payload after `wal::HEADER` bytes kept for the record header).
     batch: RefCell<Mem>,
     log: RefCell<Vec<u8>>,
     /// The memtable batches go into (the one in `Shared::layers`).
@@ -177,7 +178,7 @@ impl Writer {
             wals,
             cur: 0,
             batch: RefCell::new(Mem::default()),
-            log: RefCell::new(Vec::new()),
+            log: RefCell::new(vec![0; wal::HEADER]),
             active,
             next_lsn: checkpoint + 1,
             frozen_upto: checkpoint,
@@ -256,7 +257,7 @@ impl Writer {
             }
         };
         self.batch.get_mut().clear();
-        self.log.get_mut().clear();
+        self.log.get_mut().truncate(wal::HEADER);
         let mut dones: Vec<Done> = Vec::with_capacity(batch.len());
         let mut failure: Option<Error> = None;
         {
@@ -321,11 +322,11 @@ impl Writer {
     /// into the active memtable, and checkpoint if it is time.
     fn commit(&mut self) -> Result<(), Error> {
         let log = self.log.get_mut();
-        if log.is_empty() {
+        if log.len() == wal::HEADER {
             return Ok(());
         }
         let wal = &mut self.wals[self.cur];
-        if let Err(e) = wal.append(self.next_lsn, log) {
+        if let Err(e) = wal.append_framed(self.next_lsn, log) {
             return Err(self
                 .shared
                 .fail(wal.path(), "appending to the write-ahead log", &e));
@@ -334,9 +335,8 @@ impl Writer {
         self.unsynced[self.cur] = true;
         self.stats
             .wal_bytes
-            .fetch_add(log.len() as u64 + wal::HEADER as u64, Ordering::Relaxed);
-        let rows = std::mem::take(self.batch.get_mut());
-        mem::write(&self.active).absorb(rows);
+            .fetch_add(log.len() as u64, Ordering::Relaxed);
+        mem::write(&self.active).absorb(self.batch.get_mut());
         if checkpoint_due(self.wals[self.cur].len(), self.last_checkpoint.elapsed())
             && !self.shared.flushing()
         {
