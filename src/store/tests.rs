@@ -142,6 +142,37 @@ fn newer_schema_refused() {
     );
 }
 
+#[test]
+fn schema_2_opens_and_is_marked_current() {
+    let dir = tempfile::tempdir().unwrap();
+    open_and_close(dir.path());
+    let set = |v: u32| {
+        let db = Database::create(dir.path().join(DB_FILE)).unwrap();
+        let w = db.begin_write().unwrap();
+        w.open_table(META)
+            .unwrap()
+            .insert(META_SCHEMA, v.to_le_bytes().as_slice())
+            .unwrap();
+        w.commit().unwrap();
+    };
+    set(2);
+    let (store, w) = Store::open(dir.path()).expect("schema 2 opens");
+    let version = store
+        .read()
+        .unwrap()
+        .open_table(META)
+        .unwrap()
+        .get(META_SCHEMA)
+        .unwrap()
+        .map(|v| v.value().to_vec());
+    assert_eq!(version, Some(SCHEMA_VERSION.to_le_bytes().to_vec()));
+    drop(store);
+    w.join();
+    // From now on an older build, which cannot read the new status rows,
+    // is refused by name; this one opens it again.
+    open_and_close(dir.path());
+}
+
 /// Copy the data dir's files as they are on disk now, while the store is
 /// open: what a process killed at this instant leaves behind.
 fn snapshot(from: &Path) -> tempfile::TempDir {
