@@ -29,12 +29,12 @@ impl Delivery {
         let r = self.inner.store.read()?;
         let e = Error::Store;
         let status = r.open_table(OUT_STATUS)?;
-        let progress = status
+        let mut progress = status
             .get(id)
             .map_err(e)?
             .map(|v| Progress::decode(v.value()))
             .transpose()?;
-        let summary = match progress.as_ref().and_then(|p| p.summary.clone()) {
+        let summary = match progress.as_mut().and_then(|p| p.summary.take()) {
             Some(s) => s,
             // Not handed over yet: the envelope row has it.
             None => {
@@ -110,11 +110,9 @@ impl Delivery {
                 let mut applied = 0usize;
                 for rc in receipts {
                     let id = rc.message_id.as_str();
-                    let stored = status
-                        .get(id)?
-                        .map(|v| Progress::decode(v.value()))
-                        .transpose()?;
-                    let to_node = match stored.as_ref().and_then(|p| p.summary.as_ref()) {
+                    let created = ids::time_of(id).unwrap_or(0);
+                    let mut p = Progress::load(&status, id, created)?;
+                    let to_node = match &p.summary {
                         Some(s) => s.to_node.clone(),
                         None => match msgs.get(id)? {
                             Some(v) => records::split_outgoing(v.value())?.0.to_node,
@@ -125,8 +123,6 @@ impl Delivery {
                         debug!(%id, from = %node, "receipt from a node the message was not sent to; ignored");
                         continue;
                     }
-                    let created = ids::time_of(id).unwrap_or(0);
-                    let mut p = stored.unwrap_or_else(|| Progress::queued(created));
                     let at = rc.at_ms.min(now_ms());
                     let changed = match rc.kind {
                         ReceiptKind::Processed { result_json } => {

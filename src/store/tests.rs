@@ -120,19 +120,22 @@ fn foreign_database_refused() {
     assert!(matches!(err, OpenError::Foreign(_)), "{err}");
 }
 
+/// Overwrite the schema version recorded in the (closed) database in `dir`.
+fn set_schema(dir: &Path, version: u32) {
+    let db = Database::create(dir.join(DB_FILE)).unwrap();
+    let w = db.begin_write().unwrap();
+    w.open_table(META)
+        .unwrap()
+        .insert(META_SCHEMA, version.to_le_bytes().as_slice())
+        .unwrap();
+    w.commit().unwrap();
+}
+
 #[test]
 fn newer_schema_refused() {
     let dir = tempfile::tempdir().unwrap();
     open_and_close(dir.path());
-    {
-        let db = Database::create(dir.path().join(DB_FILE)).unwrap();
-        let w = db.begin_write().unwrap();
-        w.open_table(META)
-            .unwrap()
-            .insert(META_SCHEMA, 99u32.to_le_bytes().as_slice())
-            .unwrap();
-        w.commit().unwrap();
-    }
+    set_schema(dir.path(), 99);
     let err = Store::open(dir.path())
         .err()
         .expect("newer schema must not open");
@@ -146,16 +149,7 @@ fn newer_schema_refused() {
 fn schema_2_opens_and_is_marked_current() {
     let dir = tempfile::tempdir().unwrap();
     open_and_close(dir.path());
-    let set = |v: u32| {
-        let db = Database::create(dir.path().join(DB_FILE)).unwrap();
-        let w = db.begin_write().unwrap();
-        w.open_table(META)
-            .unwrap()
-            .insert(META_SCHEMA, v.to_le_bytes().as_slice())
-            .unwrap();
-        w.commit().unwrap();
-    };
-    set(2);
+    set_schema(dir.path(), 2);
     let (store, w) = Store::open(dir.path()).expect("schema 2 opens");
     let version = store
         .read()
