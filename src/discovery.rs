@@ -20,7 +20,7 @@
 //! - `sync`: anti-entropy and the requests peers send us.
 //! - `service`: the background task (refresh, expiry, periodic sync).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -29,7 +29,7 @@ use libp2p::{Multiaddr, PeerId};
 use tracing::{debug, warn};
 
 use crate::config::DiscoveryConfig;
-use crate::identity::{self, AgentId, NodeKey};
+use crate::identity::{self, AgentId, IdMap, NodeKey};
 use crate::net::NetHandle;
 use crate::store::{self, Store, tables::REGISTRY};
 use crate::time::now_ms;
@@ -136,7 +136,7 @@ struct Inner {
     store: Store,
     cfg: DiscoveryConfig,
     registry: RwLock<Registry>,
-    local: RwLock<HashMap<AgentId, LocalAgent>>,
+    local: RwLock<IdMap<LocalAgent>>,
     connected: RwLock<HashSet<PeerId>>,
     /// When an anti-entropy round last got an answer (see `on_peer_connected`).
     last_sync: std::sync::Mutex<Option<std::time::Instant>>,
@@ -258,11 +258,11 @@ impl Discovery {
             .unwrap_or_else(|p| p.into_inner())
     }
 
-    fn read_local(&self) -> std::sync::RwLockReadGuard<'_, HashMap<AgentId, LocalAgent>> {
+    fn read_local(&self) -> std::sync::RwLockReadGuard<'_, IdMap<LocalAgent>> {
         self.inner.local.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn write_local(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<AgentId, LocalAgent>> {
+    fn write_local(&self) -> std::sync::RwLockWriteGuard<'_, IdMap<LocalAgent>> {
         self.inner.local.write().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -297,6 +297,11 @@ impl Discovery {
 
     /// Whether an agent is registered on this node (no copy made).
     pub fn is_local(&self, id: &AgentId) -> bool {
+        self.read_local().contains_key(id)
+    }
+
+    /// [`Discovery::is_local`] by the id's text (a borrowed wire field).
+    pub fn is_local_str(&self, id: &str) -> bool {
         self.read_local().contains_key(id)
     }
 

@@ -168,6 +168,10 @@ pub fn public_key_of(peer: &PeerId) -> Result<[u8; 32], Error> {
     Ok(ed.to_bytes())
 }
 
+/// A map keyed by agent id, hashed with foldhash (seeded per map):
+/// these maps are read for every message, and SipHash showed in profiles.
+pub type IdMap<V> = std::collections::HashMap<AgentId, V, foldhash::fast::RandomState>;
+
 /// An agent's id: `agt_` + base58(public key).
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize)]
 #[serde(try_from = "String")]
@@ -202,6 +206,29 @@ impl AgentId {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// An id decoded without a copy (a borrowed wire field), checked for
+    /// shape like every decoded id.
+    pub fn from_wire(s: &str) -> Result<Self, Error> {
+        if looks_like_agent_id(s) {
+            Ok(AgentId(s.to_string()))
+        } else {
+            Err(Error::BadAgentId(s.chars().take(80).collect()))
+        }
+    }
+
+    /// Whether `s` has the shape of an id (what decoding checks).
+    pub fn is_well_formed(s: &str) -> bool {
+        looks_like_agent_id(s)
+    }
+}
+
+/// Maps keyed by id can be searched with a `&str` (the derived `Hash`,
+/// `Eq` and `Ord` are those of the string).
+impl std::borrow::Borrow<str> for AgentId {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
 }
 
 fn decode_agent_key(s: &str) -> Option<[u8; 32]> {
@@ -215,13 +242,20 @@ fn decode_agent_key(s: &str) -> Option<[u8; 32]> {
 
 /// Cheap shape check: `agt_` and 32 to 44 base58 characters.
 fn looks_like_agent_id(s: &str) -> bool {
-    // Base58: digits and letters without 0, O, I and l. A match per byte
-    // (ids are checked on every decode, so no linear alphabet search).
-    fn is_base58(b: u8) -> bool {
-        matches!(b, b'1'..=b'9' | b'A'..=b'H' | b'J'..=b'N' | b'P'..=b'Z' | b'a'..=b'k' | b'm'..=b'z')
-    }
-    s.strip_prefix(AGENT_PREFIX)
-        .is_some_and(|rest| (32..=44).contains(&rest.len()) && rest.bytes().all(is_base58))
+    // Base58: digits and letters without 0, O, I and l. One table lookup
+    // per byte: ids are checked on every decode.
+    const BASE58: [bool; 256] = {
+        let mut t = [false; 256];
+        let mut b = 0;
+        while b < 256 {
+            t[b] = matches!(b as u8, b'1'..=b'9' | b'A'..=b'H' | b'J'..=b'N' | b'P'..=b'Z' | b'a'..=b'k' | b'm'..=b'z');
+            b += 1;
+        }
+        t
+    };
+    s.strip_prefix(AGENT_PREFIX).is_some_and(|rest| {
+        (32..=44).contains(&rest.len()) && rest.bytes().all(|b| BASE58[b as usize])
+    })
 }
 
 /// Parsing user input is strict: the id must name a valid ed25519 key.

@@ -8,8 +8,8 @@
 //! canonical encoding of the unsigned part, so a signature for one kind of
 //! statement can never be replayed as another.
 
-use serde::Serialize;
 use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 
 pub mod ad;
 pub mod envelope;
@@ -82,6 +82,12 @@ pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
 
 /// Decode a value, enforcing `limit` bytes, the version and full consumption.
 pub fn decode<T: DeserializeOwned>(bytes: &[u8], limit: usize) -> Result<T, Error> {
+    decode_borrowed(bytes, limit)
+}
+
+/// Like [`decode`], for types that borrow strings and byte slices from
+/// `bytes` instead of copying them.
+pub fn decode_borrowed<'a, T: Deserialize<'a>>(bytes: &'a [u8], limit: usize) -> Result<T, Error> {
     if bytes.len() > limit {
         return Err(Error::TooLarge {
             size: bytes.len(),
@@ -93,7 +99,7 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8], limit: usize) -> Result<T, Erro
     if version != WIRE_VERSION {
         return Err(Error::UnsupportedVersion { got: version });
     }
-    let (value, used) = bincode::serde::decode_from_slice(body, config())
+    let (value, used) = bincode::serde::borrow_decode_from_slice(body, config())
         .map_err(|e| Error::Malformed(e.to_string()))?;
     if used != body.len() {
         return Err(Error::Trailing(body.len() - used));
@@ -189,6 +195,43 @@ mod tests {
         bytes.push(253); // varint u64 marker
         bytes.extend_from_slice(&u64::MAX.to_le_bytes());
         assert!(decode::<Sample>(&bytes, 100).is_err());
+    }
+
+    #[test]
+    fn a_borrowed_envelope_reads_what_an_envelope_writes() {
+        use crate::identity::AgentId;
+        let env = envelope::Envelope {
+            id: "01KB0000000000000000000000".into(),
+            from: AgentId::from_public(&[1; 32]),
+            from_handle: "alice".into(),
+            to: AgentId::from_public(&[2; 32]),
+            subject: Some("hi".into()),
+            body_json: r#"{"n":1}"#.into(),
+            reply_to: None,
+            created_at_ms: 5,
+            expires_at_ms: 6,
+            trace_id: "t".into(),
+            delegation_json: Some("[]".into()),
+        };
+        let bytes = encode(&env);
+        let r: envelope::EnvelopeRef<'_> = decode_borrowed(&bytes, MAX_FRAME_BYTES).unwrap();
+        assert_eq!(r.id, env.id);
+        assert_eq!((r.from, r.to), (env.from.as_str(), env.to.as_str()));
+        assert_eq!((r.from_handle, r.subject), ("alice", Some("hi")));
+        assert_eq!((r.body_json, r.reply_to), (r#"{"n":1}"#, None));
+        assert_eq!((r.created_at_ms, r.expires_at_ms), (5, 6));
+        assert_eq!((r.trace_id, r.delegation_json), ("t", Some("[]")));
+        assert!(r.ids_well_formed());
+        // The shape check the owned decoder applies to agent ids.
+        let bad = envelope::EnvelopeRef {
+            to: "agt_0OIl",
+            ..r
+        };
+        assert!(!bad.ids_well_formed());
+        // Trailing bytes are refused as for owned decoding.
+        let mut long = bytes.clone();
+        long.push(0);
+        assert!(decode_borrowed::<envelope::EnvelopeRef<'_>>(&long, MAX_FRAME_BYTES).is_err());
     }
 
     #[test]

@@ -73,9 +73,24 @@ fn encode(mut v: u128) -> String {
     out.iter().map(|&b| b as char).collect()
 }
 
+/// Each byte's value in `ALPHABET`, or `NOT_A_DIGIT`: ids are checked and
+/// decoded on every message, so a table lookup instead of a search.
+const NOT_A_DIGIT: u8 = u8::MAX;
+const DIGITS: [u8; 256] = {
+    let mut t = [NOT_A_DIGIT; 256];
+    let mut i = 0;
+    while i < ALPHABET.len() {
+        t[ALPHABET[i] as usize] = i as u8;
+        i += 1;
+    }
+    t
+};
+
 /// Whether `s` looks like an id we mint.
 pub fn is_valid(s: &str) -> bool {
-    s.len() == ID_LEN && s.bytes().all(|b| ALPHABET.contains(&b)) && s.as_bytes()[0] <= b'7'
+    s.len() == ID_LEN
+        && s.bytes().all(|b| DIGITS[b as usize] != NOT_A_DIGIT)
+        && s.as_bytes()[0] <= b'7'
 }
 
 /// Milliseconds encoded in an id.
@@ -85,8 +100,7 @@ pub fn time_of(s: &str) -> Option<u64> {
     }
     let mut v: u128 = 0;
     for b in s.bytes() {
-        let d = ALPHABET.iter().position(|&a| a == b)? as u128;
-        v = (v << 5) | d;
+        v = (v << 5) | DIGITS[b as usize] as u128;
     }
     Some((v >> 80) as u64)
 }

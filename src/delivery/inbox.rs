@@ -17,10 +17,10 @@ use super::queue::Item;
 use super::records::{self, InboxRecord, InboxState};
 use super::{Delivery, Error, MAX_POLL, MAX_WAIT_SECS, Stats, courier, ids, verify_node_sig};
 use crate::discovery::ad;
-use crate::identity::AgentId;
+use crate::identity::{AgentId, IdMap};
 use crate::store::tables::{INBOX, INBOX_MESSAGES, RECEIPTS_OUT, REPLIES};
 use crate::time::now_ms;
-use crate::wire::envelope::{DeliverPayload, MAX_BATCH_BYTES, MAX_BATCH_MESSAGES};
+use crate::wire::envelope::{DeliverPayload, EnvelopeRef, MAX_BATCH_BYTES, MAX_BATCH_MESSAGES};
 use crate::wire::{self, Envelope, Outcome, Receipt, ReceiptKind, Rejection};
 
 /// A message handed to an agent.
@@ -53,11 +53,11 @@ struct AgentBox {
 /// Index of pending inbox entries per local agent.
 #[derive(Debug, Default)]
 pub(crate) struct Inboxes {
-    boxes: Mutex<HashMap<AgentId, AgentBox>>,
+    boxes: Mutex<IdMap<AgentBox>>,
 }
 
 impl Inboxes {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<AgentId, AgentBox>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, IdMap<AgentBox>> {
         self.boxes.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -134,9 +134,16 @@ impl<'t> InboxTables<'t> {
 
 /// One message of a batch, decoded; one that does not decode is refused
 /// on its own, not with the whole batch.
-fn decode_message(raw: &[u8]) -> Result<Envelope, Rejection> {
-    wire::decode(raw, MAX_BATCH_BYTES)
-        .map_err(|e| Rejection::Invalid(format!("message does not decode: {e}")))
+/// Decoded borrowing `raw`: checking a message copies none of its strings.
+fn decode_message(raw: &[u8]) -> Result<EnvelopeRef<'_>, Rejection> {
+    let env: EnvelopeRef<'_> = wire::decode_borrowed(raw, MAX_BATCH_BYTES)
+        .map_err(|e| Rejection::Invalid(format!("message does not decode: {e}")))?;
+    if !env.ids_well_formed() {
+        return Err(Rejection::Invalid(
+            "message does not decode: an agent id is malformed".into(),
+        ));
+    }
+    Ok(env)
 }
 
 /// A message that passed the admission checks, ready to store.
@@ -150,14 +157,17 @@ pub(crate) struct Arrival {
 }
 
 impl Arrival {
-    fn new(env: Envelope, bytes: Vec<u8>) -> Self {
-        Arrival {
-            id: env.id,
-            to: env.to,
-            reply_to: env.reply_to,
+    /// What storing needs of a checked message (`bytes` moves in after the
+    /// borrowed envelope is gone: see `admit`).
+    fn of(env: &EnvelopeRef<'_>) -> Result<Self, Rejection> {
+        Ok(Arrival {
+            id: env.id.to_string(),
+            to: AgentId::from_wire(env.to)
+                .map_err(|e| Rejection::Invalid(format!("message does not decode: {e}")))?,
+            reply_to: env.reply_to.map(str::to_string),
             expires_at_ms: env.expires_at_ms,
-            bytes,
-        }
+            bytes: Vec::new(),
+        })
     }
 }
 
@@ -230,7 +240,7 @@ impl Delivery {
         // Which agents the sending node may speak for: ads it sent (verified
         // here) and ads already in our registry.
         let now = now_ms();
-        let mut hosted: HashMap<AgentId, String> = HashMap::new();
+        let mut hosted: IdMap<String> = IdMap::default();
         let mut fresh = Vec::new();
         for a in p.sender_ads {
             let known = self
@@ -254,18 +264,20 @@ impl Delivery {
             .map(|raw| {
                 let raw = raw.into_vec();
                 let env = decode_message(&raw)?;
-                let node = hosted.get(&env.from).cloned().or_else(|| {
-                    self.inner
-                        .discovery
-                        .with_registry(|r| r.get(&env.from).map(|e| e.ad.body.node_id.clone()))
-                });
-                if node.as_deref() != Some(peer_str.as_str()) {
+                let hosted_here = match hosted.get(env.from) {
+                    Some(node) => *node == peer_str,
+                    None => self.inner.discovery.with_registry(|r| {
+                        r.get_str(env.from)
+                            .is_some_and(|e| e.ad.body.node_id == peer_str)
+                    }),
+                };
+                if !hosted_here {
                     return Err(Rejection::Invalid(format!(
                         "sender agent {} is not hosted by the sending node",
                         env.from
                     )));
                 }
-                self.admit(env, raw, now)
+                self.admit(&env, now).map(|a| Arrival { bytes: raw, ..a })
             })
             .collect();
         self.store_checked(peer, checked)
@@ -282,25 +294,32 @@ impl Delivery {
         let now = now_ms();
         let checked = outs
             .iter()
-            .map(|o| self.admit(decode_message(&o.bytes)?, o.bytes.clone(), now))
+            .map(|o| {
+                let a = self.admit(&decode_message(&o.bytes)?, now)?;
+                Ok(Arrival {
+                    bytes: o.bytes.clone(),
+                    ..a
+                })
+            })
             .collect();
         self.store_checked(self.inner.node_id, checked)
             .await
             .map_err(|e| e.to_string())
     }
 
-    /// A decoded message that passes `check`, with its bytes, ready to store.
-    fn admit(&self, env: Envelope, bytes: Vec<u8>, now: u64) -> Result<Arrival, Rejection> {
-        match self.check(&env, now) {
+    /// A decoded message that passes `check`, ready to store once the
+    /// caller moves its bytes in.
+    fn admit(&self, env: &EnvelopeRef<'_>, now: u64) -> Result<Arrival, Rejection> {
+        match self.check(env, now) {
             Some(r) => Err(r),
-            None => Ok(Arrival::new(env, bytes)),
+            None => Arrival::of(env),
         }
     }
 
     /// Admission checks for one message; `None` means accept. Policy checks
     /// (governance) belong here, before anything reaches an inbox.
-    fn check(&self, env: &Envelope, now: u64) -> Option<Rejection> {
-        if !ids::is_valid(&env.id) {
+    fn check(&self, env: &EnvelopeRef<'_>, now: u64) -> Option<Rejection> {
+        if !ids::is_valid(env.id) {
             return Some(Rejection::Invalid(format!(
                 "{:?} is not a message id",
                 env.id
@@ -316,10 +335,10 @@ impl Delivery {
                 self.inner.cfg.max_body_bytes
             )));
         }
-        if serde_json::from_str::<serde::de::IgnoredAny>(&env.body_json).is_err() {
+        if serde_json::from_str::<serde::de::IgnoredAny>(env.body_json).is_err() {
             return Some(Rejection::Invalid("body is not valid JSON".into()));
         }
-        if !self.inner.discovery.is_local(&env.to) {
+        if !self.inner.discovery.is_local_str(env.to) {
             return Some(Rejection::UnknownRecipient);
         }
         None

@@ -140,7 +140,7 @@ struct Peer {
 /// Queues for every peer.
 #[derive(Debug)]
 pub struct Queues {
-    peers: HashMap<PeerId, Peer>,
+    peers: HashMap<PeerId, Peer, foldhash::fast::RandomState>,
     backoff: Backoff,
     total: usize,
 }
@@ -149,7 +149,7 @@ impl Queues {
     /// Empty queues.
     pub fn new(backoff: Backoff) -> Self {
         Queues {
-            peers: HashMap::new(),
+            peers: HashMap::default(),
             backoff,
             total: 0,
         }
@@ -219,7 +219,7 @@ impl Queues {
         let Some(p) = self.peers.get_mut(peer) else {
             return;
         };
-        let answered: std::collections::HashSet<&str> =
+        let answered: std::collections::HashSet<&str, foldhash::fast::RandomState> =
             answered.iter().map(String::as_str).collect();
         let flight: Vec<Item> = p.items.drain(..p.in_flight.min(p.items.len())).collect();
         for item in flight.into_iter().rev() {

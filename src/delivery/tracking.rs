@@ -143,10 +143,16 @@ impl Delivery {
                     };
                     if changed {
                         ensure_delivered_step(&mut p.history);
+                        // A summary means the message was handed over, and
+                        // its outbox row went in that same transaction:
+                        // looking for it again would search the B-tree.
+                        let handed_over = p.summary.is_some();
                         // Every receipt is final: the envelope goes.
                         records::hand_over(&mut msgs, id, &mut p, None)?;
                         status.insert(id, wire::encode(&p).as_slice())?;
-                        outbox.remove((node.as_str(), id))?;
+                        if !handed_over {
+                            outbox.remove((node.as_str(), id))?;
+                        }
                         applied += 1;
                     }
                 }

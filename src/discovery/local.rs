@@ -1,12 +1,10 @@
 //! Agents registered on this node: their keys and what they advertise,
 //! persisted so they survive restarts.
 
-use std::collections::HashMap;
-
 use ed25519_dalek::SigningKey;
 use serde::{Deserialize, Serialize};
 
-use crate::identity::AgentId;
+use crate::identity::{AgentId, IdMap};
 use crate::store::{self, Store, tables::LOCAL_AGENTS};
 use crate::wire::{self, Capability};
 
@@ -42,10 +40,10 @@ impl LocalAgent {
 }
 
 /// Load every local agent.
-pub fn load(store: &Store) -> Result<HashMap<AgentId, LocalAgent>, store::Error> {
+pub fn load(store: &Store) -> Result<IdMap<LocalAgent>, store::Error> {
     let r = store.read()?;
     let t = r.open_table(LOCAL_AGENTS)?;
-    let mut out = HashMap::new();
+    let mut out = IdMap::default();
     for item in t.iter()? {
         let (_, v) = item?;
         let a: LocalAgent =

@@ -6,7 +6,7 @@ use std::collections::{BTreeSet, HashMap};
 
 use sha2::{Digest, Sha256};
 
-use crate::identity::AgentId;
+use crate::identity::{AgentId, IdMap};
 use crate::wire::{AdState, SignedAd};
 
 /// One known agent.
@@ -45,7 +45,7 @@ pub enum Applied {
 /// All known agents.
 #[derive(Debug, Default)]
 pub struct Registry {
-    by_id: HashMap<AgentId, Entry>,
+    by_id: IdMap<Entry>,
     by_handle: HashMap<String, BTreeSet<AgentId>>,
     /// XOR of [`entry_hash`] over all entries, kept up to date on every
     /// change: anti-entropy compares it on each round, and recomputing it
@@ -142,6 +142,11 @@ impl Registry {
 
     /// One agent, in any state.
     pub fn get(&self, id: &AgentId) -> Option<&Entry> {
+        self.by_id.get(id)
+    }
+
+    /// [`Registry::get`] by the id's text (a borrowed wire field).
+    pub fn get_str(&self, id: &str) -> Option<&Entry> {
         self.by_id.get(id)
     }
 

@@ -46,6 +46,49 @@ pub struct Envelope {
     pub delegation_json: Option<String>,
 }
 
+/// An [`Envelope`] decoded without copying its strings, borrowing the bytes
+/// it was decoded from (`wire::decode_borrowed`): the receiver checks each
+/// message of a batch and stores its bytes as they came, so it never needs
+/// owned strings. The fields and their order are `Envelope`'s, so it
+/// decodes the same bytes; ids are checked for shape like
+/// `AgentId`'s decoder does (`EnvelopeRef::ids_well_formed`).
+#[derive(Debug, Deserialize)]
+pub struct EnvelopeRef<'a> {
+    /// See `Envelope::id`.
+    pub id: &'a str,
+    /// See `Envelope::from`.
+    pub from: &'a str,
+    /// See `Envelope::from_handle`.
+    pub from_handle: &'a str,
+    /// See `Envelope::to`.
+    pub to: &'a str,
+    /// See `Envelope::subject`.
+    #[serde(borrow)]
+    pub subject: Option<&'a str>,
+    /// See `Envelope::body_json`.
+    pub body_json: &'a str,
+    /// See `Envelope::reply_to`.
+    #[serde(borrow)]
+    pub reply_to: Option<&'a str>,
+    /// See `Envelope::created_at_ms`.
+    pub created_at_ms: u64,
+    /// See `Envelope::expires_at_ms`.
+    pub expires_at_ms: u64,
+    /// See `Envelope::trace_id`.
+    pub trace_id: &'a str,
+    /// See `Envelope::delegation_json`.
+    #[serde(borrow)]
+    pub delegation_json: Option<&'a str>,
+}
+
+impl EnvelopeRef<'_> {
+    /// Whether `from` and `to` have the shape of agent ids (what decoding
+    /// an `Envelope` checks).
+    pub fn ids_well_formed(&self) -> bool {
+        AgentId::is_well_formed(self.from) && AgentId::is_well_formed(self.to)
+    }
+}
+
 /// The signed content of a delivery batch, as the receiver decodes it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeliverPayload {
