@@ -257,11 +257,26 @@ async fn run_node(args: NodeArgs) -> Result<()> {
             .unwrap_or_else(|| "disabled".into()),
         data_dir.join(agentmesh::node::TOKEN_FILE).display()
     );
+    let store = h.store().clone();
     drop(h);
-    wait_for_signal().await;
-    tracing::info!("shutting down");
+    // A failed log write or fsync leaves the store refusing every write
+    // until a restart replays the log: stop, so a supervisor restarts us.
+    let failure = tokio::select! {
+        () = wait_for_signal() => None,
+        e = store.failed() => Some(e),
+    };
+    drop(store);
+    match &failure {
+        None => tracing::info!("shutting down"),
+        Some(e) => tracing::error!(error = %e, "storage failure: stopping the node"),
+    }
     node.shutdown().await;
-    Ok(())
+    match failure {
+        None => Ok(()),
+        Some(e) => Err(anyhow::anyhow!(
+            "the node stopped after a storage failure ({e}); start it again: it replays its write-ahead log"
+        )),
+    }
 }
 
 async fn wait_for_signal() {

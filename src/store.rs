@@ -256,6 +256,14 @@ impl Store {
         self.shared.broken()
     }
 
+    /// Resolves with the failure once the store starts refusing writes
+    /// (see [`Store::failure`]): a node stops then, so that a supervisor
+    /// restarts it and the restart replays the log, rather than running
+    /// on and refusing every message.
+    pub async fn failed(&self) -> Error {
+        self.shared.failed().await
+    }
+
     /// Path of the database file.
     pub fn path(&self) -> &Path {
         &self.path

@@ -366,10 +366,19 @@ async fn after_a_log_failure_every_write_fails_and_the_store_says_why() {
         .await
         .unwrap();
     assert!(store.failure().is_none());
+    let waiting = tokio::spawn({
+        let store = store.clone();
+        async move { store.failed().await }
+    });
     // What the writer records when an append or fsync fails.
     store
         .shared
         .fail(dir.path(), "fsyncing the write-ahead log", &"injected");
+    let seen = tokio::time::timeout(std::time::Duration::from_secs(10), waiting)
+        .await
+        .expect("failed() resolves once a failure is recorded")
+        .unwrap();
+    assert!(seen.to_string().contains("injected"), "{seen}");
     let err = store
         .write(|txn| {
             txn.open_table(T)?.insert(2, 2)?;

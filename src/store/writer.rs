@@ -66,6 +66,8 @@ pub(super) struct Shared {
     /// failed: the database and the log may disagree, so every later write
     /// fails until the node restarts (and replays the log).
     broken: Mutex<Option<Error>>,
+    /// Cancelled when `broken` is first set (see `Store::failed`).
+    failed: tokio_util::sync::CancellationToken,
     /// The memtables readers look through.
     layers: RwLock<Layers>,
 }
@@ -90,7 +92,16 @@ impl Shared {
         )))));
         tracing::error!(error = %err, "storage failure");
         let mut b = self.broken.lock().unwrap_or_else(|p| p.into_inner());
-        b.get_or_insert(err).clone()
+        let first = b.get_or_insert(err).clone();
+        self.failed.cancel();
+        first
+    }
+
+    /// Resolves once a failure is recorded (at once if one already is).
+    pub(super) async fn failed(&self) -> Error {
+        self.failed.cancelled().await;
+        self.broken()
+            .expect("the token is only cancelled after a failure is recorded")
     }
 
     /// A read snapshot: the memtables and a redb transaction begun while
