@@ -56,6 +56,28 @@ impl Outbound {
             bytes,
         }
     }
+
+    /// Like [`Outbound::new`], taking the envelope's strings instead of
+    /// copying them (`send` has no further use for the envelope).
+    pub fn from_parts(env: Envelope, head: OutHead, bytes: Vec<u8>) -> Self {
+        Outbound {
+            body_len: env.body_json.len(),
+            summary: Summary {
+                from: env.from,
+                from_handle: env.from_handle,
+                to: env.to,
+                to_handle: head.to_handle,
+                to_node: head.to_node,
+                subject: env.subject,
+                reply_to: env.reply_to,
+                trace_id: env.trace_id,
+                created_at_ms: env.created_at_ms,
+                expires_at_ms: env.expires_at_ms,
+            },
+            id: env.id,
+            bytes,
+        }
+    }
 }
 
 /// A message held in memory between its durable commit and its

@@ -113,62 +113,63 @@ impl Delivery {
         );
         let recipients = self.inner.router.resolve(&req.to).await?;
         let expires = now + ttl.as_millis() as u64;
-        let mut prepared: Vec<(Envelope, OutHead, Recipient)> =
-            Vec::with_capacity(recipients.len());
-        for r in recipients {
+        let idempotency_key = req.idempotency_key.clone();
+        let from_id = req.from.clone();
+        // Each envelope is encoded once, here: the same bytes are committed
+        // and sent, and the receiver stores them as they arrive. The last
+        // (usually the only) recipient's envelope takes the request's
+        // strings instead of copies.
+        let n = recipients.len();
+        let mut req = req;
+        let mut from_handle = Some(from_handle);
+        let mut rows: Vec<(Outbound, Vec<u8>)> = Vec::with_capacity(n);
+        let mut replies: Vec<(String, String)> = Vec::new();
+        let mut routes: Vec<Recipient> = Vec::with_capacity(n);
+        for (i, r) in recipients.into_iter().enumerate() {
+            let last = i + 1 == n;
             let id = self.inner.ids.next(now);
             let env = Envelope {
-                trace_id: req.trace_id.clone().unwrap_or_else(|| id.clone()),
+                trace_id: give(last, &mut req.trace_id).unwrap_or_else(|| id.clone()),
                 id,
                 from: req.from.clone(),
-                from_handle: from_handle.clone(),
+                from_handle: give(last, &mut from_handle).unwrap_or_default(),
                 to: r.agent_id.clone(),
-                subject: req.subject.clone(),
-                body_json: req.body_json.clone(),
-                reply_to: req.reply_to.clone(),
+                subject: give(last, &mut req.subject),
+                body_json: if last {
+                    std::mem::take(&mut req.body_json)
+                } else {
+                    req.body_json.clone()
+                },
+                reply_to: give(last, &mut req.reply_to),
                 created_at_ms: now,
                 expires_at_ms: expires,
-                delegation_json: req.delegation_json.clone(),
+                delegation_json: give(last, &mut req.delegation_json),
             };
             let head = OutHead {
                 to_handle: r.handle.clone(),
                 to_node: r.node_name.clone(),
             };
-            prepared.push((env, head, r));
+            let bytes = wire::encode(&env);
+            let record = records::encode_outgoing(&head, &bytes);
+            if let Some(orig) = &env.reply_to {
+                replies.push((orig.clone(), env.id.clone()));
+            }
+            rows.push((Outbound::from_parts(env, head, bytes), record));
+            routes.push(r);
         }
-        let idem = req.idempotency_key.clone().map(|k| {
+        let idem = idempotency_key.map(|k| {
             (
                 k,
                 IdemRecord {
-                    messages: prepared
+                    messages: rows
                         .iter()
-                        .map(|(e, _, _)| (e.id.clone(), e.to.clone()))
+                        .map(|(out, _)| (out.id.clone(), out.summary.to.clone()))
                         .collect(),
                     fan_out,
                     expires_at_ms: expires,
                 },
             )
         });
-        // Each envelope is encoded once, here: the same bytes are committed
-        // and sent, and the receiver stores them as they arrive.
-        let rows: Vec<(Outbound, Vec<u8>, String)> = prepared
-            .iter()
-            .map(|(env, head, _)| {
-                let bytes = wire::encode(env);
-                let record = records::encode_outgoing(head, &bytes);
-                (
-                    Outbound::new(env, head, bytes),
-                    record,
-                    head.to_node.clone(),
-                )
-            })
-            .collect();
-        let replies: Vec<(String, String)> = prepared
-            .iter()
-            .filter_map(|(env, _, _)| env.reply_to.clone().map(|orig| (orig, env.id.clone())))
-            .collect();
-        let routes: Vec<Recipient> = prepared.into_iter().map(|(_, _, r)| r).collect();
-        let from_id = req.from.clone();
         // The rows go into the writer and come back with its answer.
         let written = self
             .inner
@@ -192,10 +193,10 @@ impl Delivery {
                 // The ids are new, so the rows are too.
                 let mut msgs = txn.open_table(OUT_MESSAGES)?;
                 let mut outbox = txn.open_table(OUTBOX)?;
-                for (out, record, to_node) in &rows {
+                for (out, record) in &rows {
                     msgs.insert_new(out.id.as_str(), record.as_slice())?;
                     outbox.insert_new(
-                        (to_node.as_str(), out.id.as_str()),
+                        (out.summary.to_node.as_str(), out.id.as_str()),
                         (out.summary.expires_at_ms, out.bytes.len() as u64),
                     )?;
                 }
@@ -221,7 +222,7 @@ impl Delivery {
         Stats::add(&self.inner.stats.queued, rows.len());
         let mut items: Vec<(PeerId, Item)> = Vec::with_capacity(rows.len());
         let mut messages = Vec::with_capacity(rows.len());
-        for ((out, _, _), r) in rows.into_iter().zip(&routes) {
+        for ((out, _), r) in rows.into_iter().zip(&routes) {
             if r.node_id != self.inner.node_id {
                 self.teach_addresses(r).await;
             }
@@ -290,4 +291,10 @@ impl Delivery {
             replayed: true,
         }))
     }
+}
+
+/// The value for one recipient's envelope: the last one takes it, the
+/// others get a copy.
+fn give<T: Clone>(last: bool, v: &mut Option<T>) -> Option<T> {
+    if last { v.take() } else { v.clone() }
 }
