@@ -53,7 +53,7 @@ use wal::Wal;
 /// File name of the database inside the data dir.
 pub const DB_FILE: &str = "agentmesh.redb";
 /// The schema this build reads and writes.
-pub const SCHEMA_VERSION: u32 = 3;
+pub const SCHEMA_VERSION: u32 = 4;
 /// Queue length of the group committer (backpressure beyond it).
 const WRITE_QUEUE: usize = 16 * 1024;
 /// Most closures in one transaction.
@@ -425,12 +425,16 @@ fn check_schema(db: &Database, path: &Path) -> Result<(), OpenError> {
                     })?;
                     tracing::info!(path = %path.display(), messages = moved, "database upgraded from schema 1 to 2");
                 }
-                if found == 1 || found == 2 {
+                if (1..SCHEMA_VERSION).contains(&found) {
                     // Schema 2 → 3 rewrites no rows: `Progress::decode`
                     // reads schema 2's status rows (the log may replay
                     // some too), and those rows only change as their
-                    // messages progress. The bump keeps older builds,
-                    // which cannot read schema 3's, from opening the file.
+                    // messages progress. Schema 3 → 4 rewrites none
+                    // either: the outbox index is no longer read, and the
+                    // node empties it at start (after the log's replay).
+                    // The bump keeps older builds, which cannot read
+                    // schema 3's status rows or would find no outbox and
+                    // never send what is queued, from opening the file.
                     meta.insert(META_SCHEMA, SCHEMA_VERSION.to_le_bytes().as_slice())
                         .map_err(|e| storage(e.into()))?;
                     tracing::info!(path = %path.display(), from = found, to = SCHEMA_VERSION, "database schema upgraded");

@@ -17,6 +17,7 @@ use super::records::{self, Progress, Status};
 use super::{Delivery, Error, Stats, ids};
 use crate::store::tables::{OUT_MESSAGES, OUT_STATUS, OUTBOX, RECEIPTS_OUT};
 use crate::time::now_ms;
+use crate::wire::envelope::EnvelopeRef;
 use crate::wire::envelope::{
     DeliverPayloadRef, MAX_BATCH_BYTES, MAX_BATCH_MESSAGES, ReceiptPayload,
 };
@@ -67,15 +68,19 @@ pub(crate) struct Replay {
 }
 
 impl Replay {
-    /// Scan the outbox and the receipts table.
+    /// Scan the outbox (`OUT_MESSAGES`: each row's head names the node)
+    /// and the receipts table.
     pub(crate) fn load(d: &Delivery) -> Result<Replay, Error> {
         let r = d.inner.store.read()?;
         let mut messages = Vec::new();
-        let outbox = r.open_table(OUTBOX)?;
+        let outbox = r.open_table(OUT_MESSAGES)?;
         for row in outbox.iter()? {
             let (k, v) = row?;
-            let (node, id) = k.value();
-            let (expires_at_ms, size) = v.value();
+            let id = k.value();
+            let Some((node, expires_at_ms, size)) = queued_row(v.value()) else {
+                warn!(id, "outbox entry that does not decode skipped");
+                continue;
+            };
             match node.parse::<PeerId>() {
                 Ok(peer) => messages.push((
                     peer,
@@ -106,10 +111,50 @@ impl Replay {
                 ));
             }
         }
-        // Ids sort by creation time: replay each peer's queue in order.
-        messages.sort_by(|a, b| a.1.id.cmp(&b.1.id));
+        // Ids sort by creation time, and the scan is in id order: each
+        // peer's queue replays in send order.
         Ok(Replay { messages, receipts })
     }
+}
+
+/// An `OUT_MESSAGES` value's node, expiry and envelope size (the envelope
+/// is read without copying its strings).
+fn queued_row(value: &[u8]) -> Option<(String, u64, u64)> {
+    let (head, raw) = records::split_outgoing(value).ok()?;
+    let env: EnvelopeRef<'_> = wire::decode_borrowed(raw, wire::MAX_FRAME_BYTES).ok()?;
+    Some((head.to_node, env.expires_at_ms, raw.len() as u64))
+}
+
+/// Remove schema 3's outbox index, if any row is left (see `OUTBOX`): a
+/// database from an older build, or its log replayed at this start.
+async fn drop_legacy_outbox(d: &Delivery) -> Result<(), Error> {
+    let keys: Vec<(String, String)> = {
+        let r = d.inner.store.read()?;
+        let t = r.open_table(OUTBOX)?;
+        let mut keys = Vec::new();
+        for row in t.iter()? {
+            let (k, _) = row?;
+            let (node, id) = k.value();
+            keys.push((node.to_string(), id.to_string()));
+        }
+        keys
+    };
+    if keys.is_empty() {
+        return Ok(());
+    }
+    let n = keys.len();
+    d.inner
+        .store
+        .write(move |txn| {
+            let mut t = txn.open_table(OUTBOX)?;
+            for (node, id) in &keys {
+                t.remove((node.as_str(), id.as_str()))?;
+            }
+            Ok(())
+        })
+        .await?;
+    tracing::info!(rows = n, "emptied the outbox index of schema 3");
+    Ok(())
 }
 
 struct State {
@@ -150,6 +195,9 @@ pub(crate) async fn run(
         receipts: Queues::new(backoff),
         rng: now_ms() | 1,
     };
+    if let Err(e) = drop_legacy_outbox(&d).await {
+        warn!(error = %e, "cannot empty the outbox index of schema 3 (unused; it stays)");
+    }
     if !replay.messages.is_empty() || !replay.receipts.is_empty() {
         debug!(
             messages = replay.messages.len(),
@@ -252,10 +300,11 @@ fn dispatch(d: &Delivery, st: &mut State) {
 
 /// The messages of a batch; ids whose message is gone or already final
 /// are returned as answered.
-fn load_outbound(
-    d: &Delivery,
-    items: &[Item],
-) -> Result<(Vec<Arc<Outbound>>, Vec<String>), String> {
+/// What to send of `items`, and the ids not to send: every id that is gone
+/// or final, and (third) those of them that are final but still stored.
+type Loaded = (Vec<Arc<Outbound>>, Vec<String>, Vec<String>);
+
+fn load_outbound(d: &Delivery, items: &[Item]) -> Result<Loaded, String> {
     let now = now_ms();
     // Fresh from `send` and not past its TTL: nothing on disk can have made
     // it final yet (a receipt needs a transmission first).
@@ -266,13 +315,14 @@ fn load_outbound(
             .map(|c| c.outbound().clone())
     };
     if let Some(outs) = items.iter().map(fresh).collect::<Option<Vec<_>>>() {
-        return Ok((outs, Vec::new()));
+        return Ok((outs, Vec::new(), Vec::new()));
     }
     let r = d.inner.store.read().map_err(|e| e.to_string())?;
     let msgs = r.open_table(OUT_MESSAGES).map_err(|e| e.to_string())?;
     let status = r.open_table(OUT_STATUS).map_err(|e| e.to_string())?;
     let mut outs = Vec::with_capacity(items.len());
     let mut gone = Vec::new();
+    let mut finished = Vec::new();
     for item in items {
         if let Some(out) = fresh(item) {
             outs.push(out);
@@ -285,7 +335,8 @@ fn load_outbound(
             continue;
         };
         let Ok(env) = records::decode::<Envelope>("out_messages", raw) else {
-            warn!(id = %item.id, "stored envelope does not decode; dropped from the outbox");
+            // Kept (it is stored data), but it cannot be sent.
+            warn!(id = %item.id, "stored envelope does not decode; not sent");
             gone.push(item.id.clone());
             continue;
         };
@@ -293,11 +344,12 @@ fn load_outbound(
             Progress::load(&status, &item.id, env.created_at_ms).map_err(|e| e.to_string())?;
         if progress.status.is_final() {
             gone.push(item.id.clone());
+            finished.push(item.id.clone());
         } else {
             outs.push(Arc::new(Outbound::new(&env, &head, raw.to_vec())));
         }
     }
-    Ok((outs, gone))
+    Ok((outs, gone, finished))
 }
 
 async fn send_messages(
@@ -305,17 +357,22 @@ async fn send_messages(
     peer: PeerId,
     items: Vec<Item>,
 ) -> Result<Vec<String>, String> {
-    let (outs, mut answered) = load_outbound(d, &items)?;
-    if !answered.is_empty() {
-        // Already final (a receipt overtook us) or gone: drop from the outbox.
-        let (node, ids) = (peer.to_string(), answered.clone());
-        // Lazy: lost in a crash, the rows come back and are dropped again.
+    let (outs, mut answered, finished) = load_outbound(d, &items)?;
+    if !finished.is_empty() {
+        // Already final (a receipt overtook us) but still stored: hand
+        // the envelope over, so the next start does not queue it again.
+        // Lazy: lost in a crash, the next start finds it final again.
         d.inner
             .store
             .write_lazy(move |txn| {
-                let mut outbox = txn.open_table(OUTBOX)?;
-                for id in &ids {
-                    outbox.remove((node.as_str(), id.as_str()))?;
+                let mut status = txn.open_table(OUT_STATUS)?;
+                let mut msgs = txn.open_table(OUT_MESSAGES)?;
+                for id in &finished {
+                    let mut p = Progress::load(&status, id, 0)?;
+                    if p.summary.is_none() {
+                        records::hand_over(&mut msgs, id, &mut p, None)?;
+                        status.insert(id.as_str(), wire::encode(&p).as_slice())?;
+                    }
                 }
                 Ok(())
             })
@@ -340,8 +397,8 @@ async fn send_messages(
     answered.extend(outs.iter().map(|o| o.id.clone()));
     // The receiver has them: free the peer's queue for the next batch now
     // and record the outcomes alongside. Should that write fail, the
-    // outbox rows remain and the messages go again (the receiver answers
-    // `Duplicate`), so requeue them.
+    // envelopes stay in the outbox and the messages go again (the receiver
+    // answers `Duplicate`), so requeue them.
     let d2 = d.clone();
     tokio::spawn(
         async move {
@@ -483,18 +540,16 @@ async fn apply_outcomes(
         .iter()
         .filter(|o| !matches!(o, Outcome::Rejected(_)))
         .count();
-    // Lazy (no fsync of its own): should a crash lose it, the outbox rows
+    // Lazy (no fsync of its own): should a crash lose it, the envelopes
     // come back, the messages go again and the receiver answers `Duplicate`.
     // The next durable commit (any send) persists it.
     d.inner
         .store
         .write_lazy(move |txn| {
             let mut status = txn.open_table(OUT_STATUS)?;
-            let mut outbox = txn.open_table(OUTBOX)?;
             let mut msgs = txn.open_table(OUT_MESSAGES)?;
             let now = now_ms();
             for (out, outcome) in outs.iter().zip(outcomes) {
-                outbox.remove((node.as_str(), out.id.as_str()))?;
                 let mut p = Progress::load(&status, &out.id, out.summary.created_at_ms)?;
                 if p.status.is_final() {
                     continue;
@@ -619,10 +674,8 @@ async fn expire(d: &Delivery, st: &mut State) {
         .store
         .write(move |txn| {
             let mut status = txn.open_table(OUT_STATUS)?;
-            let mut outbox = txn.open_table(OUTBOX)?;
             let mut msgs = txn.open_table(OUT_MESSAGES)?;
-            for (peer, item) in &gone {
-                outbox.remove((peer.to_string().as_str(), item.id.as_str()))?;
+            for (_, item) in &gone {
                 let created = ids::time_of(&item.id).unwrap_or(now);
                 let mut p = Progress::load(&status, &item.id, created)?;
                 let detail = match &p.last_error {
@@ -643,3 +696,6 @@ async fn expire(d: &Delivery, st: &mut State) {
         Err(e) => warn!(error = %e, "cannot record expired messages"),
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -328,9 +328,7 @@ pub fn decode_outgoing(value: &[u8]) -> Result<(OutHead, Envelope), store::Error
 
 /// The message leaves `OUT_MESSAGES` (handed over to its recipient's node,
 /// or final): `p` takes over its summary, from `known` when the caller has
-/// it, else from the stored envelope. Write `p`, and remove the message's
-/// `OUTBOX` row, in the same transaction: the receipt path counts on a
-/// summary meaning the outbox row is gone.
+/// it, else from the stored envelope. Write `p` in the same transaction.
 pub fn hand_over(
     msgs: &mut store::Table<'_, &'static str, &'static [u8]>,
     id: &str,

@@ -15,7 +15,7 @@ use super::records::{self, IdemRecord, OutHead};
 use super::{Delivery, Error, MAX_TTL_SECS, Stats, courier, ids};
 use crate::identity::AgentId;
 use crate::routing::{Address, Recipient};
-use crate::store::tables::{IDEMPOTENCY, OUT_MESSAGES, OUTBOX, REPLIES};
+use crate::store::tables::{IDEMPOTENCY, OUT_MESSAGES, REPLIES};
 use crate::time::now_ms;
 use crate::wire::{self, Envelope};
 
@@ -192,13 +192,8 @@ impl Delivery {
                 // No `OUT_STATUS` row yet: a message without one is queued.
                 // The ids are new, so the rows are too.
                 let mut msgs = txn.open_table(OUT_MESSAGES)?;
-                let mut outbox = txn.open_table(OUTBOX)?;
                 for (out, record) in &rows {
                     msgs.insert_new(out.id.as_str(), record.as_slice())?;
-                    outbox.insert_new(
-                        (out.summary.to_node.as_str(), out.id.as_str()),
-                        (out.summary.expires_at_ms, out.bytes.len() as u64),
-                    )?;
                 }
                 if !replies.is_empty() {
                     let mut t = txn.open_table(REPLIES)?;

@@ -5,7 +5,7 @@ use tracing::debug;
 
 use super::records::{self, HistoryEntry, Progress, Status, Summary, Tracking};
 use super::{Delivery, Error, Stats, ids, verify_node_sig};
-use crate::store::tables::{OUT_MESSAGES, OUT_STATUS, OUTBOX, REPLIES};
+use crate::store::tables::{OUT_MESSAGES, OUT_STATUS, REPLIES};
 use crate::time::now_ms;
 use crate::wire::envelope::ReceiptPayload;
 use crate::wire::{self, Receipt, ReceiptKind};
@@ -106,7 +106,6 @@ impl Delivery {
             .write(move |txn| {
                 let mut msgs = txn.open_table(OUT_MESSAGES)?;
                 let mut status = txn.open_table(OUT_STATUS)?;
-                let mut outbox = txn.open_table(OUTBOX)?;
                 let mut applied = 0usize;
                 for rc in receipts {
                     let id = rc.message_id.as_str();
@@ -143,16 +142,9 @@ impl Delivery {
                     };
                     if changed {
                         ensure_delivered_step(&mut p.history);
-                        // A summary means the message was handed over, and
-                        // its outbox row went in that same transaction:
-                        // looking for it again would search the B-tree.
-                        let handed_over = p.summary.is_some();
                         // Every receipt is final: the envelope goes.
                         records::hand_over(&mut msgs, id, &mut p, None)?;
                         status.insert(id, wire::encode(&p).as_slice())?;
-                        if !handed_over {
-                            outbox.remove((node.as_str(), id))?;
-                        }
                         applied += 1;
                     }
                 }

@@ -21,7 +21,11 @@ pub(crate) const OUT_MESSAGES: TableDefinition<&str, &[u8]> = TableDefinition::n
 /// over the summary), by message id; no row while a message is still
 /// queued (`delivery::records::Progress`).
 pub(crate) const OUT_STATUS: TableDefinition<&str, &[u8]> = TableDefinition::new("out_status");
-/// Messages not yet handed over: `(recipient node, message id)` → `(expiry ms, size)`.
+/// Schema 3 and earlier: `(recipient node, message id)` → `(expiry ms,
+/// size)` for every message not yet handed over, an index of what
+/// `OUT_MESSAGES` holds anyway (its head names the node). No longer
+/// written: the table stays defined so that an older build's log records
+/// replay, and starting a node empties it (`delivery::courier::Replay`).
 pub(crate) const OUTBOX: TableDefinition<(&str, &str), (u64, u64)> = TableDefinition::new("outbox");
 /// `(sending agent, idempotency key)` → encoded list of message ids + expiry.
 pub(crate) const IDEMPOTENCY: TableDefinition<(&str, &str), &[u8]> =

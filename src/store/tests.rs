@@ -146,25 +146,31 @@ fn newer_schema_refused() {
 }
 
 #[test]
-fn schema_2_opens_and_is_marked_current() {
-    let dir = tempfile::tempdir().unwrap();
-    open_and_close(dir.path());
-    set_schema(dir.path(), 2);
-    let (store, w) = Store::open(dir.path()).expect("schema 2 opens");
-    let version = store
-        .read()
-        .unwrap()
-        .open_table(META)
-        .unwrap()
-        .get(META_SCHEMA)
-        .unwrap()
-        .map(|v| v.value().to_vec());
-    assert_eq!(version, Some(SCHEMA_VERSION.to_le_bytes().to_vec()));
-    drop(store);
-    w.join();
-    // From now on an older build, which cannot read the new status rows,
-    // is refused by name; this one opens it again.
-    open_and_close(dir.path());
+fn older_schemas_open_and_are_marked_current() {
+    for old in [2, 3] {
+        let dir = tempfile::tempdir().unwrap();
+        open_and_close(dir.path());
+        set_schema(dir.path(), old);
+        let (store, w) = Store::open(dir.path()).expect("an older schema opens");
+        let version = store
+            .read()
+            .unwrap()
+            .open_table(META)
+            .unwrap()
+            .get(META_SCHEMA)
+            .unwrap()
+            .map(|v| v.value().to_vec());
+        assert_eq!(
+            version,
+            Some(SCHEMA_VERSION.to_le_bytes().to_vec()),
+            "from {old}"
+        );
+        drop(store);
+        w.join();
+        // From now on an older build, which cannot read the new rows, is
+        // refused by name; this one opens it again.
+        open_and_close(dir.path());
+    }
 }
 
 /// Copy the data dir's files as they are on disk now, while the store is

@@ -95,8 +95,8 @@ impl<K: Key + 'static, V: Value + 'static> Table<'_, K, V> {
     ///
     /// A key stored nowhere is not recorded at all: a tombstone for it
     /// would cost a log entry, a memtable row and a B-tree search at the
-    /// next checkpoint, for nothing. Callers remove defensively (an outbox
-    /// row is dropped again when a receipt comes), so this is common.
+    /// next checkpoint, for nothing. Callers remove defensively (an inbox
+    /// envelope or a receipt that may already be gone), so this is common.
     pub fn remove<'k>(&mut self, key: impl Borrow<K::SelfType<'k>>) -> Result<(), Error> {
         let key = key.borrow();
         if self.view.get(key)?.is_some() {

@@ -1,0 +1,103 @@
+use std::time::{Duration, Instant};
+
+use crate::delivery::records::{self, OutHead};
+use crate::identity::AgentId;
+use crate::store::Store;
+use crate::store::tables::{OUT_MESSAGES, OUTBOX};
+use crate::wire::{self, Envelope};
+use crate::{Node, NodeConfig};
+
+/// A database written by schema 3 holds each queued message twice: its
+/// envelope row and an outbox index row. This build queues from the
+/// envelope rows alone and empties the index at start.
+#[tokio::test]
+async fn queued_messages_replay_from_their_envelopes_and_the_old_index_is_emptied() {
+    let dir = tempfile::tempdir().unwrap();
+    let peer = libp2p::identity::Keypair::generate_ed25519()
+        .public()
+        .to_peer_id()
+        .to_string();
+    let now = crate::time::now_ms();
+    let ids: Vec<String> = (0..3)
+        .map(|i| format!("01KB00000000000000000000A{i}"))
+        .collect();
+    {
+        let (store, w) = Store::open(dir.path()).unwrap();
+        let (rows, peer) = (ids.clone(), peer.clone());
+        store
+            .write(move |txn| {
+                let mut msgs = txn.open_table(OUT_MESSAGES)?;
+                let mut outbox = txn.open_table(OUTBOX)?;
+                for id in &rows {
+                    let env = Envelope {
+                        id: id.clone(),
+                        from: AgentId::from_public(&[1; 32]),
+                        from_handle: "alice".into(),
+                        to: AgentId::from_public(&[2; 32]),
+                        subject: None,
+                        body_json: "{}".into(),
+                        reply_to: None,
+                        created_at_ms: now,
+                        expires_at_ms: now + 3_600_000,
+                        trace_id: id.clone(),
+                        delegation_json: None,
+                    };
+                    let head = OutHead {
+                        to_handle: "bob".into(),
+                        to_node: peer.clone(),
+                    };
+                    let bytes = wire::encode(&env);
+                    msgs.insert(
+                        id.as_str(),
+                        records::encode_outgoing(&head, &bytes).as_slice(),
+                    )?;
+                    outbox.insert((peer.as_str(), id.as_str()), (now + 3_600_000, 100))?;
+                }
+                // An index row whose envelope is gone (handed over by an
+                // older build's last transaction) queues nothing.
+                outbox.insert((peer.as_str(), "01KB00000000000000000000ZZ"), (now, 1))?;
+                Ok(())
+            })
+            .await
+            .unwrap();
+        drop(store);
+        w.join();
+    }
+    let mut cfg = NodeConfig::local_test(dir.path());
+    cfg.api.enabled = false;
+    let node = Node::start(cfg).await.unwrap();
+    let h = node.handle();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let left = h
+            .store()
+            .read()
+            .unwrap()
+            .open_table(OUTBOX)
+            .unwrap()
+            .len()
+            .unwrap();
+        let (messages, _) = h.delivery().backlog().await.unwrap();
+        if left == 0 && messages == ids.len() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "index rows left: {left}; messages queued: {messages} (want 0 and {})",
+            ids.len()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The envelopes are still stored: they are the outbox now.
+    let stored = h
+        .store()
+        .read()
+        .unwrap()
+        .open_table(OUT_MESSAGES)
+        .unwrap()
+        .len()
+        .unwrap();
+    assert_eq!(stored as usize, ids.len());
+    drop(h);
+    node.shutdown().await;
+}
