@@ -62,6 +62,15 @@ fn config() -> bincode::config::Configuration<
     bincode::config::standard().with_limit::<MAX_FRAME_BYTES>()
 }
 
+/// Append a value's encoding, version header first, to `out` (a buffer
+/// that is reused, such as the write-ahead log's: no allocation of its own).
+pub fn encode_into<T: Serialize>(out: &mut Vec<u8>, value: &T) {
+    out.extend_from_slice(&WIRE_VERSION.to_le_bytes());
+    // Writing into a Vec cannot fail.
+    bincode::serde::encode_into_std_write(value, out, config())
+        .expect("wire types are bincode-encodable");
+}
+
 /// Encode a value with the version header.
 pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     // Encoding only fails for types serde cannot represent in bincode

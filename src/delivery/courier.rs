@@ -371,7 +371,7 @@ async fn send_messages(
                     let mut p = Progress::load(&status, id, 0)?;
                     if p.summary.is_none() {
                         records::hand_over(&mut msgs, id, &mut p, None)?;
-                        status.insert(id.as_str(), wire::encode(&p).as_slice())?;
+                        status.insert_with(id.as_str(), |b| wire::encode_into(b, &p))?;
                     }
                 }
                 Ok(())
@@ -492,7 +492,7 @@ async fn note_failure(d: &Delivery, outs: &[Arc<Outbound>], error: &str) {
                 p.attempts += 1;
                 p.last_error = Some(error.clone());
                 p.advance(Status::Sent, now_ms(), None);
-                t.insert(id.as_str(), wire::encode(&p).as_slice())?;
+                t.insert_with(id.as_str(), |b| wire::encode_into(b, &p))?;
             }
             Ok(())
         })
@@ -580,7 +580,7 @@ async fn apply_outcomes(
                 };
                 // Delivered or final: the envelope is no longer needed.
                 records::hand_over(&mut msgs, &out.id, &mut p, Some(&out.summary))?;
-                status.insert(out.id.as_str(), wire::encode(&p).as_slice())?;
+                status.insert_with(out.id.as_str(), |b| wire::encode_into(b, &p))?;
             }
             Ok(())
         })
@@ -685,7 +685,7 @@ async fn expire(d: &Delivery, st: &mut State) {
                 if p.advance(Status::Expired, now, Some(detail)) {
                     let known = item.env.as_ref().map(|c| &c.outbound().summary);
                     records::hand_over(&mut msgs, &item.id, &mut p, known)?;
-                    status.insert(item.id.as_str(), wire::encode(&p).as_slice())?;
+                    status.insert_with(item.id.as_str(), |b| wire::encode_into(b, &p))?;
                 }
             }
             Ok(())

@@ -115,18 +115,19 @@ impl<'t> InboxTables<'t> {
         rec.state = state;
         rec.lease_until_ms = 0;
         self.inbox
-            .insert((agent, id), wire::encode(&rec).as_slice())?;
+            .insert_with((agent, id), |b| wire::encode_into(b, &rec))?;
         self.messages.remove((agent, id))?;
         let receipt = Receipt {
             message_id: id.to_string(),
             kind,
             at_ms,
         };
-        let (key, value) = ((rec.from_node.as_str(), id), wire::encode(&receipt));
+        let key = (rec.from_node.as_str(), id);
+        let value = |b: &mut Vec<u8>| wire::encode_into(b, &receipt);
         if first {
-            self.receipts.insert_new(key, value.as_slice())?;
+            self.receipts.insert_new_with(key, value)?;
         } else {
-            self.receipts.insert(key, value.as_slice())?;
+            self.receipts.insert_with(key, value)?;
         }
         Ok(rec.from_node)
     }
@@ -384,7 +385,7 @@ impl Delivery {
                     }
                     // Neither row exists (the envelope row never outlives
                     // the inbox row), so a quick ack leaves no trace in redb.
-                    inbox.insert_new(key, wire::encode(&rec).as_slice())?;
+                    inbox.insert_new_with(key, |b| wire::encode_into(b, &rec))?;
                     // The bytes as the sender encoded them (decoded and checked).
                     messages.insert_new(key, a.bytes.as_slice())?;
                     if let Some(orig) = &a.reply_to {
@@ -513,7 +514,7 @@ impl Delivery {
                 }
                 rec.delivery_count = *count;
                 rec.lease_until_ms = *until;
-                inbox.insert((a.as_str(), id.as_str()), wire::encode(&rec).as_slice())?;
+                inbox.insert_with((a.as_str(), id.as_str()), |b| wire::encode_into(b, &rec))?;
             }
             Ok(())
         };

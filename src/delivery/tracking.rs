@@ -144,7 +144,7 @@ impl Delivery {
                         ensure_delivered_step(&mut p.history);
                         // Every receipt is final: the envelope goes.
                         records::hand_over(&mut msgs, id, &mut p, None)?;
-                        status.insert(id, wire::encode(&p).as_slice())?;
+                        status.insert_with(id, |b| wire::encode_into(b, &p))?;
                         applied += 1;
                     }
                 }

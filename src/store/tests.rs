@@ -250,6 +250,43 @@ async fn acknowledged_writes_survive_a_crash_through_the_log() {
 }
 
 #[tokio::test]
+async fn values_written_into_the_log_read_back_and_replay() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _w) = Store::open(dir.path()).unwrap();
+    store
+        .write(|txn| {
+            let mut t = txn.open_table(tables::LOCAL_AGENTS)?;
+            t.insert_with("a", |b| b.extend_from_slice(b"first"))?;
+            t.insert("b", b"second".as_slice())?;
+            t.insert_new_with("c", |_| {})?;
+            t.insert_with("a", |b| b.extend_from_slice(b"third"))?;
+            Ok(())
+        })
+        .await
+        .unwrap();
+    let values = |s: &Store| -> Vec<(String, Vec<u8>)> {
+        let r = s.read().unwrap();
+        let t = r.open_table(tables::LOCAL_AGENTS).unwrap();
+        t.iter()
+            .unwrap()
+            .map(|row| {
+                let (k, v) = row.unwrap();
+                (k.value().to_string(), v.value().to_vec())
+            })
+            .collect()
+    };
+    let expected = vec![
+        ("a".to_string(), b"third".to_vec()),
+        ("b".to_string(), b"second".to_vec()),
+        ("c".to_string(), Vec::new()),
+    ];
+    assert_eq!(values(&store), expected);
+    let copy = snapshot(dir.path());
+    let (reopened, _w2) = Store::open(copy.path()).unwrap();
+    assert_eq!(values(&reopened), expected, "replayed from the log");
+}
+
+#[tokio::test]
 async fn a_clean_close_leaves_the_database_complete_without_the_log() {
     let dir = tempfile::tempdir().unwrap();
     let (store, w) = Store::open(dir.path()).unwrap();

@@ -105,6 +105,29 @@ impl<K: Key + 'static, V: Value + 'static> Table<'_, K, V> {
         Ok(())
     }
 
+    fn put_with(&self, key: &K::SelfType<'_>, write: impl FnOnce(&mut Vec<u8>), fresh: bool) {
+        let k = K::as_bytes(key);
+        let k = k.as_ref();
+        let value: Arc<[u8]> = {
+            let mut log = self.log.borrow_mut();
+            let len_at = record_head(&mut log, self.view.name(), k, INSERT);
+            let start = log.len();
+            write(&mut log);
+            let len = (log.len() - start) as u32;
+            log[len_at..len_at + 4].copy_from_slice(&len.to_le_bytes());
+            Arc::from(&log[start..])
+        };
+        self.batch.borrow_mut().put(
+            self.view.name(),
+            K::compare,
+            k.into(),
+            Slot {
+                value: Some(value),
+                fresh,
+            },
+        );
+    }
+
     fn set(&self, key: &K::SelfType<'_>, value: &V::SelfType<'_>, fresh: bool) {
         self.put(key, Some(V::as_bytes(value).as_ref()), fresh);
     }
@@ -127,16 +150,55 @@ impl<K: Key + 'static, V: Value + 'static> Table<'_, K, V> {
     }
 }
 
+impl<K: Key + 'static> Table<'_, K, &'static [u8]> {
+    /// Insert or replace, the value written by `write` straight into the
+    /// log record (no buffer of its own).
+    pub fn insert_with<'k>(
+        &mut self,
+        key: impl Borrow<K::SelfType<'k>>,
+        write: impl FnOnce(&mut Vec<u8>),
+    ) -> Result<(), Error> {
+        self.put_with(key.borrow(), write, false);
+        Ok(())
+    }
+
+    /// [`Table::insert_new`] with the value written as by [`Table::insert_with`].
+    pub fn insert_new_with<'k>(
+        &mut self,
+        key: impl Borrow<K::SelfType<'k>>,
+        write: impl FnOnce(&mut Vec<u8>),
+    ) -> Result<(), Error> {
+        self.put_with(key.borrow(), write, true);
+        Ok(())
+    }
+}
+
 /// Append an insert (`value` given) or a remove to a record.
 pub(super) fn record(log: &mut Vec<u8>, table: &str, key: &[u8], value: Option<&[u8]>) {
+    let kind = if value.is_some() { INSERT } else { REMOVE };
+    let len_at = record_head(log, table, key, kind);
+    match value {
+        Some(v) => {
+            log[len_at..len_at + 4].copy_from_slice(&(v.len() as u32).to_le_bytes());
+            log.extend_from_slice(v);
+        }
+        None => log.truncate(len_at),
+    }
+}
+
+/// Append an operation up to its key, and room for the value's length;
+/// returns where that length goes (the caller writes it, or truncates the
+/// room away for a remove).
+fn record_head(log: &mut Vec<u8>, table: &str, key: &[u8], kind: u8) -> usize {
     debug_assert!(table.len() <= u8::MAX as usize, "table names are short");
     log.push(table.len() as u8);
     log.extend_from_slice(table.as_bytes());
-    log.push(if value.is_some() { INSERT } else { REMOVE });
-    for part in std::iter::once(key).chain(value) {
-        log.extend_from_slice(&(part.len() as u32).to_le_bytes());
-        log.extend_from_slice(part);
-    }
+    log.push(kind);
+    log.extend_from_slice(&(key.len() as u32).to_le_bytes());
+    log.extend_from_slice(key);
+    let len_at = log.len();
+    log.extend_from_slice(&[0; 4]);
+    len_at
 }
 
 /// One operation of a record.
