@@ -115,27 +115,48 @@ fn start_default(data: &Path) -> Running {
             .env("AGENTMESH_DATA", data)
             .env("HOME", data)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(node_log(data))
             .spawn()
             .expect("spawn node"),
     )
 }
 
+/// The node's stderr goes to a file in its data dir, shown when a wait
+/// for it times out.
+fn node_log(data: &Path) -> std::fs::File {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(data.join("node-stderr.log"))
+        .expect("node log file")
+}
+
 async fn node_id_of(data: &Path) -> String {
-    let client = wait_for(
-        "the node to write its API address",
-        Duration::from_secs(20),
-        || async { Client::for_data_dir(data, None, None).ok() },
-    )
-    .await;
-    wait_for("/v1/node to answer", Duration::from_secs(20), || async {
-        let health = client.get("/healthz").await.ok()?;
-        assert_eq!(health["status"], "ok");
-        client.get("/v1/node").await.ok()?["node_id"]
-            .as_str()
-            .map(str::to_string)
-    })
-    .await
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut last = String::from("no API address written yet");
+    while std::time::Instant::now() < deadline {
+        match Client::for_data_dir(data, None, None) {
+            Err(e) => last = e.to_string(),
+            Ok(client) => match client.get("/healthz").await {
+                Err(e) => last = format!("/healthz: {e}"),
+                Ok(health) => {
+                    assert_eq!(health["status"], "ok", "{health}");
+                    match client.get("/v1/node").await {
+                        Ok(v) => {
+                            if let Some(id) = v["node_id"].as_str() {
+                                return id.to_string();
+                            }
+                            last = format!("/v1/node answered {v}");
+                        }
+                        Err(e) => last = format!("/v1/node: {e}"),
+                    }
+                }
+            },
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let log = std::fs::read_to_string(data.join("node-stderr.log")).unwrap_or_default();
+    panic!("the node never answered /v1/node within 30 s (last: {last}); its stderr:\n{log}");
 }
 
 fn sigterm(child: &Child) {
@@ -205,7 +226,7 @@ async fn cli_registers_sends_receives_and_tracks() {
             .env("AGENTMESH_DATA", data)
             .env("HOME", data)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(node_log(data))
             .spawn()
             .unwrap(),
     );
