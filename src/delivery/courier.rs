@@ -543,7 +543,8 @@ async fn apply_outcomes(
     // Lazy (no fsync of its own): should a crash lose it, the envelopes
     // come back, the messages go again and the receiver answers `Duplicate`.
     // The next durable commit (any send) persists it.
-    d.inner
+    let outs = d
+        .inner
         .store
         .write_lazy(move |txn| {
             let mut status = txn.open_table(OUT_STATUS)?;
@@ -582,9 +583,12 @@ async fn apply_outcomes(
                 records::hand_over(&mut msgs, &out.id, &mut p, Some(&out.summary))?;
                 status.insert_with(out.id.as_str(), |b| wire::encode_into(b, &p))?;
             }
-            Ok(())
+            // Back to this side to be freed where they were allocated (a
+            // cross-thread free per string otherwise).
+            Ok(outs)
         })
         .await?;
+    drop(outs);
     Stats::add(&d.inner.stats.delivered, delivered);
     Ok(())
 }
