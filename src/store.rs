@@ -174,6 +174,8 @@ pub struct WriteStats {
     pub checkpoints: AtomicU64,
     /// Nanoseconds spent in fsyncs of the log.
     pub wal_sync_ns: AtomicU64,
+    /// The longest fsync of the log, nanoseconds (a reader may reset it).
+    pub wal_sync_max_ns: AtomicU64,
     /// Nanoseconds spent in checkpoint commits.
     pub checkpoint_ns: AtomicU64,
 }

@@ -15,6 +15,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -415,6 +416,15 @@ async fn latency(o: &Opts, pair: &Pair, rate: u64) -> Result<serde_json::Value, 
     let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate as f64));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let mut tasks = JoinSet::new();
+    // What can stall a message at a low rate: a failed batch (retried
+    // after a backoff) or a slow fsync.
+    let failed_before = load(&a.delivery().stats().batches_failed);
+    for n in [&a, &b] {
+        n.store()
+            .stats()
+            .wal_sync_max_ns
+            .store(0, Ordering::Relaxed);
+    }
     let start = Instant::now();
     for _ in 0..total {
         tick.tick().await;
@@ -468,10 +478,18 @@ async fn latency(o: &Opts, pair: &Pair, rate: u64) -> Result<serde_json::Value, 
         ms(pct(&lat, 0.99)),
         ms(pct(&lat, 1.0))
     );
+    let failed = load(&a.delivery().stats().batches_failed) - failed_before;
+    let longest =
+        |n: &NodeHandle| n.store().stats().wal_sync_max_ns.load(Ordering::Relaxed) as f64 / 1e6;
+    let (sync_a, sync_b) = (longest(&a), longest(&b));
+    println!(
+        "  batches failed (retried after a backoff): {failed}; longest log fsync: sender {sync_a:.2} ms, receiver {sync_b:.2} ms"
+    );
     let f = |p| pct(&lat, p).as_secs_f64() * 1e3;
-    Ok(
-        serde_json::json!({"rate": rate, "p50_ms": f(0.5), "p90_ms": f(0.9), "p99_ms": f(0.99), "max_ms": f(1.0)}),
-    )
+    Ok(serde_json::json!({
+        "rate": rate, "p50_ms": f(0.5), "p90_ms": f(0.9), "p99_ms": f(0.99), "max_ms": f(1.0),
+        "batches_failed": failed, "longest_fsync_ms": [sync_a, sync_b],
+    }))
 }
 
 async fn replay(o: &Opts, pair: &mut Pair) -> Result<serde_json::Value, Error> {

@@ -426,9 +426,11 @@ impl Syncer {
         for (file, _) in self.files.iter().zip(files).filter(|(_, dirty)| *dirty) {
             let t = Instant::now();
             let synced = file.sync_data();
+            let took = t.elapsed().as_nanos() as u64;
+            self.stats.wal_sync_ns.fetch_add(took, Ordering::Relaxed);
             self.stats
-                .wal_sync_ns
-                .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                .wal_sync_max_ns
+                .fetch_max(took, Ordering::Relaxed);
             self.stats.wal_syncs.fetch_add(1, Ordering::Relaxed);
             synced.map_err(|e| {
                 self.shared
