@@ -130,9 +130,12 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // Benchmarks and simulations run many nodes: only warnings by default.
     // A simulation kills and partitions nodes on purpose, so the dial
-    // failures that follow are expected: those only at error level.
+    // failures and broken connections that follow are expected: those
+    // only at error level.
     let default = match cli.command {
-        Command::Simulate(_) => "warn,agentmesh::net=error,libp2p_kad=error,libp2p_gossipsub=error",
+        Command::Simulate(_) => {
+            "warn,agentmesh::net=error,libp2p_kad=error,libp2p_gossipsub=error,yamux=error"
+        }
         Command::Bench(_) => "warn,libp2p_kad=error,libp2p_gossipsub=error",
         _ => "info,libp2p_swarm=warn,libp2p_mdns=warn,libp2p_kad=error",
     };
