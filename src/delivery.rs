@@ -164,8 +164,9 @@ impl std::fmt::Debug for Delivery {
 }
 
 impl Delivery {
-    /// Load the outbox, receipts and inboxes from the database; returns the
-    /// courier task's future, for the caller to spawn.
+    /// Load the inboxes from the database; returns the courier task's
+    /// future, for the caller to spawn (it reads the outbox and the
+    /// receipts to send first, beside the node's start).
     pub fn start(
         node_key: NodeKey,
         store: Store,
@@ -200,8 +201,8 @@ impl Delivery {
             }),
         };
         d.load_inboxes()?;
-        let replay = courier::Replay::load(&d)?;
-        let task = courier::run(d.clone(), rx, replay, cancel);
+        // The courier reads the outbox itself, beside the node's start.
+        let task = courier::run(d.clone(), rx, cancel);
         Ok((d, task))
     }
 

@@ -263,6 +263,13 @@ impl Store {
         self.shared.broken()
     }
 
+    /// Record a failure found outside the writer (reading what must be
+    /// read at start): from now on the store refuses writes, as after a
+    /// failed log write, and a node stops (see [`Store::failed`]).
+    pub fn fail(&self, doing: &str, e: &dyn std::fmt::Display) -> Error {
+        self.shared.fail(&self.path, doing, e)
+    }
+
     /// Resolves with the failure once the store starts refusing writes
     /// (see [`Store::failure`]): a node stops then, so that a supervisor
     /// restarts it and the restart replays the log, rather than running

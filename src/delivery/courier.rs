@@ -180,12 +180,7 @@ impl State {
 }
 
 /// Run the courier until cancelled.
-pub(crate) async fn run(
-    d: Delivery,
-    mut rx: mpsc::Receiver<Cmd>,
-    replay: Replay,
-    cancel: CancellationToken,
-) {
+pub(crate) async fn run(d: Delivery, mut rx: mpsc::Receiver<Cmd>, cancel: CancellationToken) {
     let backoff = Backoff {
         initial: d.inner.cfg.retry_initial,
         max: d.inner.cfg.retry_max,
@@ -195,21 +190,61 @@ pub(crate) async fn run(
         receipts: Queues::new(backoff),
         rng: now_ms() | 1,
     };
-    if let Err(e) = drop_legacy_outbox(&d).await {
-        warn!(error = %e, "cannot empty the outbox index of schema 3 (unused; it stays)");
-    }
+    // What was queued before this start is read beside the node's start,
+    // not before it: with 100k messages queued the scan takes a few hundred
+    // ms. Commands that come meanwhile wait, and whatever they queue that
+    // the scan found too is queued once.
+    let scan = tokio::task::spawn_blocking({
+        let d = d.clone();
+        move || Replay::load(&d)
+    });
+    tokio::pin!(scan);
+    let mut deferred = Vec::new();
+    let scanned = loop {
+        tokio::select! {
+            biased;
+            _ = cancel.cancelled() => return,
+            r = &mut scan => break r,
+            cmd = rx.recv() => match cmd {
+                None => return,
+                Some(cmd) => deferred.push(cmd),
+            },
+        }
+    };
+    let replay = match scanned {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => {
+            // Queued messages would stay unsent: stop, as on a failed write.
+            let e = d.inner.store.fail("reading the outbox at start", &e);
+            tracing::error!(error = %e, "the courier stops");
+            return;
+        }
+        Err(e) => {
+            let e = d.inner.store.fail("reading the outbox at start", &e);
+            tracing::error!(error = %e, "the courier stops");
+            return;
+        }
+    };
     if !replay.messages.is_empty() || !replay.receipts.is_empty() {
         debug!(
             messages = replay.messages.len(),
             receipts = replay.receipts.len(),
+            deferred = deferred.len(),
             "replaying from disk"
         );
     }
+    let seen = Seen::of(&replay, &deferred);
     for (p, i) in replay.messages {
         st.messages.push(p, i);
     }
     for (p, i) in replay.receipts {
         st.receipts.push(p, i);
+    }
+    for cmd in deferred {
+        handle(&d, &mut st, seen.without_replayed(cmd));
+    }
+    if let Err(e) = drop_legacy_outbox(&d).await {
+        warn!(error = %e, "cannot empty the outbox index of schema 3 (unused; it stays)");
     }
     let mut sweep = tokio::time::interval(SWEEP);
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -238,6 +273,45 @@ pub(crate) async fn run(
                 let d = d.clone();
                 tokio::spawn(async move { d.gc().await }.in_current_span());
             }
+        }
+    }
+}
+
+/// Ids the start's scan queued, for the commands that came during it.
+#[derive(Default)]
+struct Seen {
+    messages: HashSet<String>,
+    receipts: HashSet<String>,
+}
+
+impl Seen {
+    /// Empty unless some deferred command queues anything.
+    fn of(replay: &Replay, deferred: &[Cmd]) -> Seen {
+        if !deferred
+            .iter()
+            .any(|c| matches!(c, Cmd::Enqueue(_) | Cmd::Receipts(_)))
+        {
+            return Seen::default();
+        }
+        let ids = |v: &[(PeerId, Item)]| v.iter().map(|(_, i)| i.id.clone()).collect();
+        Seen {
+            messages: ids(&replay.messages),
+            receipts: ids(&replay.receipts),
+        }
+    }
+
+    /// `cmd` without what the scan queued already.
+    fn without_replayed(&self, cmd: Cmd) -> Cmd {
+        let keep = |items: Vec<(PeerId, Item)>, seen: &HashSet<String>| {
+            items
+                .into_iter()
+                .filter(|(_, i)| !seen.contains(&i.id))
+                .collect()
+        };
+        match cmd {
+            Cmd::Enqueue(items) => Cmd::Enqueue(keep(items, &self.messages)),
+            Cmd::Receipts(items) => Cmd::Receipts(keep(items, &self.receipts)),
+            other => other,
         }
     }
 }

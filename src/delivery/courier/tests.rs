@@ -1,5 +1,6 @@
 use std::time::{Duration, Instant};
 
+use super::{Cmd, Item, Replay, Seen};
 use crate::delivery::records::{self, OutHead};
 use crate::identity::AgentId;
 use crate::store::Store;
@@ -100,4 +101,48 @@ async fn queued_messages_replay_from_their_envelopes_and_the_old_index_is_emptie
     assert_eq!(stored as usize, ids.len());
     drop(h);
     node.shutdown().await;
+}
+
+fn item(id: &str) -> Item {
+    Item {
+        id: id.to_string(),
+        expires_at_ms: u64::MAX,
+        size: 1,
+        env: None,
+    }
+}
+
+fn ids(cmd: &Cmd) -> Vec<String> {
+    match cmd {
+        Cmd::Enqueue(v) | Cmd::Receipts(v) => v.iter().map(|(_, i)| i.id.clone()).collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// Sends during the start's scan of the outbox are queued once, whether
+/// or not the scan found them too; receipts likewise, each kind apart.
+#[test]
+fn what_the_scan_queued_is_not_queued_again_by_commands_that_waited_for_it() {
+    let peer = libp2p::PeerId::random();
+    let replay = Replay {
+        messages: vec![(peer, item("m1")), (peer, item("m2"))],
+        receipts: vec![(peer, item("r1"))],
+    };
+    let deferred = vec![
+        Cmd::Enqueue(vec![(peer, item("m2")), (peer, item("m3"))]),
+        Cmd::Receipts(vec![(peer, item("r1")), (peer, item("m1"))]),
+        Cmd::PeerUp(peer),
+    ];
+    let seen = Seen::of(&replay, &deferred);
+    let kept: Vec<Vec<String>> = deferred
+        .into_iter()
+        .map(|c| ids(&seen.without_replayed(c)))
+        .collect();
+    assert_eq!(
+        kept,
+        vec![vec!["m3".to_string()], vec!["m1".to_string()], Vec::new()]
+    );
+    // Nothing deferred that queues: no id set is built.
+    let seen = Seen::of(&replay, &[Cmd::PeerUp(peer)]);
+    assert!(seen.messages.is_empty() && seen.receipts.is_empty());
 }
