@@ -372,12 +372,12 @@ fn dispatch(d: &Delivery, st: &mut State) {
     }
 }
 
-/// The messages of a batch; ids whose message is gone or already final
-/// are returned as answered.
-/// What to send of `items`, and the ids not to send: every id that is gone
-/// or final, and (third) those of them that are final but still stored.
+/// What to send of a batch's items, the ids not to send (gone or final:
+/// answered), and those of them that are final but still stored.
 type Loaded = (Vec<Arc<Outbound>>, Vec<String>, Vec<String>);
 
+/// The messages of a batch; ids whose message is gone or already final
+/// are returned as answered, the final ones still stored also apart.
 fn load_outbound(d: &Delivery, items: &[Item]) -> Result<Loaded, String> {
     let now = now_ms();
     // Fresh from `send` and not past its TTL: nothing on disk can have made
