@@ -210,11 +210,7 @@ impl AgentId {
     /// An id decoded without a copy (a borrowed wire field), checked for
     /// shape like every decoded id.
     pub fn from_wire(s: &str) -> Result<Self, Error> {
-        if looks_like_agent_id(s) {
-            Ok(AgentId(s.to_string()))
-        } else {
-            Err(Error::BadAgentId(s.chars().take(80).collect()))
-        }
+        Self::try_from(s.to_string())
     }
 
     /// Whether `s` has the shape of an id (what decoding checks).

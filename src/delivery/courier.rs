@@ -116,16 +116,15 @@ pub(crate) async fn run(d: Delivery, mut rx: mpsc::Receiver<Cmd>, cancel: Cancel
             },
         }
     };
+    // A scan that panicked (join error) or failed reading the store.
+    let scanned = scanned
+        .map_err(|e| e.to_string())
+        .and_then(|r| r.map_err(|e| e.to_string()));
     let replay = match scanned {
-        Ok(Ok(r)) => r,
-        Ok(Err(e)) => {
+        Ok(r) => r,
+        Err(why) => {
             // Queued messages would stay unsent: stop, as on a failed write.
-            let e = d.inner.store.fail("reading the outbox at start", &e);
-            tracing::error!(error = %e, "the courier stops");
-            return;
-        }
-        Err(e) => {
-            let e = d.inner.store.fail("reading the outbox at start", &e);
+            let e = d.inner.store.fail("reading the outbox at start", &why);
             tracing::error!(error = %e, "the courier stops");
             return;
         }

@@ -110,7 +110,9 @@ impl<K: Key + 'static, V: Value + 'static> Table<'_, K, V> {
         let k = k.as_ref();
         let value: Arc<[u8]> = {
             let mut log = self.log.borrow_mut();
-            let len_at = record_head(&mut log, self.view.name(), k, INSERT);
+            record_head(&mut log, self.view.name(), k, INSERT);
+            let len_at = log.len();
+            log.extend_from_slice(&[0; 4]);
             let start = log.len();
             write(&mut log);
             let len = (log.len() - start) as u32;
@@ -175,30 +177,27 @@ impl<K: Key + 'static> Table<'_, K, &'static [u8]> {
 
 /// Append an insert (`value` given) or a remove to a record.
 pub(super) fn record(log: &mut Vec<u8>, table: &str, key: &[u8], value: Option<&[u8]>) {
-    let kind = if value.is_some() { INSERT } else { REMOVE };
-    let len_at = record_head(log, table, key, kind);
-    match value {
-        Some(v) => {
-            log[len_at..len_at + 4].copy_from_slice(&(v.len() as u32).to_le_bytes());
-            log.extend_from_slice(v);
-        }
-        None => log.truncate(len_at),
+    record_head(
+        log,
+        table,
+        key,
+        if value.is_some() { INSERT } else { REMOVE },
+    );
+    if let Some(v) = value {
+        log.extend_from_slice(&(v.len() as u32).to_le_bytes());
+        log.extend_from_slice(v);
     }
 }
 
-/// Append an operation up to its key, and room for the value's length;
-/// returns where that length goes (the caller writes it, or truncates the
-/// room away for a remove).
-fn record_head(log: &mut Vec<u8>, table: &str, key: &[u8], kind: u8) -> usize {
+/// Append an operation up to its key (an insert's value length and value
+/// follow).
+fn record_head(log: &mut Vec<u8>, table: &str, key: &[u8], kind: u8) {
     debug_assert!(table.len() <= u8::MAX as usize, "table names are short");
     log.push(table.len() as u8);
     log.extend_from_slice(table.as_bytes());
     log.push(kind);
     log.extend_from_slice(&(key.len() as u32).to_le_bytes());
     log.extend_from_slice(key);
-    let len_at = log.len();
-    log.extend_from_slice(&[0; 4]);
-    len_at
 }
 
 /// One operation of a record.
