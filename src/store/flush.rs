@@ -35,6 +35,9 @@ pub(super) fn checkpoint(db: &Database, mem: &Mem, last: u64) -> Result<(), Erro
 pub(super) struct Flush {
     pub mem: Arc<RwLock<Mem>>,
     pub last: u64,
+    /// The log file that took the rows carried out of `mem`: synced before
+    /// the checkpoint, which ends the need for the file that held them.
+    pub sync: Option<std::fs::File>,
 }
 
 /// The flusher thread: checkpoints each frozen memtable it is handed,
@@ -53,9 +56,16 @@ impl Flusher {
                 continue;
             }
             let t = Instant::now();
+            let carried = match &f.sync {
+                Some(file) => file
+                    .sync_data()
+                    .map_err(|e| Error::Storage(Arc::new(e.into()))),
+                None => Ok(()),
+            };
             let (done, rows) = {
                 let m = mem::read(&f.mem);
-                (checkpoint(&self.db, &m, f.last), m.rows())
+                let done = carried.and_then(|()| checkpoint(&self.db, &m, f.last));
+                (done, m.rows())
             };
             let took = t.elapsed();
             match done {
@@ -125,10 +135,7 @@ pub(super) fn recover(db: &Database, wals: &[Wal]) -> Result<u64, OpenError> {
                     op.table
                 ))
             })?;
-            let slot = Slot {
-                value: op.value.map(Arc::from),
-                fresh: false,
-            };
+            let slot = Slot::new(op.value.map(Arc::from), false);
             mem.put(op.table, cmp, op.key.into(), slot);
             ops += 1;
         }

@@ -69,6 +69,38 @@ pub(super) struct Slot {
     pub value: Option<Arc<[u8]>>,
     /// No version of this key exists in any older layer.
     pub fresh: bool,
+    /// Whether the row moved between layers at a freeze (see `carry`).
+    pub carry: Carry,
+}
+
+impl Slot {
+    pub fn new(value: Option<Arc<[u8]>>, fresh: bool) -> Slot {
+        Slot {
+            value,
+            fresh,
+            carry: Carry::No,
+        }
+    }
+}
+
+/// A short-lived row still live when its memtable froze is *carried*:
+/// logged again into the next log file and put into the next memtable,
+/// instead of being written to redb and removed from it again a moment
+/// later (an in-flight envelope: insert and remove of a kilobyte in a
+/// B-tree). A row is carried once; still live at the next freeze, it goes
+/// to redb like any other.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Carry {
+    No,
+    /// In the frozen layer: a newer layer holds it, the flusher skips it.
+    Out,
+    /// Carried into this layer from one whose version never reached redb,
+    /// and none older did either: once that layer is flushed, removing the
+    /// row leaves nothing for redb to do. (Not `fresh`: until then the
+    /// older layer still holds a version that a removal must hide.)
+    InFresh,
+    /// Carried into this layer over an older version redb may hold.
+    In,
 }
 
 /// One table's rows in a layer, by encoded key. A hash map: point reads
@@ -136,7 +168,14 @@ impl Mem {
                     *old.into_mut() = slot;
                 }
             }
-            Entry::Occupied(old) => *old.into_mut() = slot,
+            Entry::Occupied(old) => {
+                let old = old.into_mut();
+                // A carried row stays carried (and is not carried again).
+                if old.carry != Carry::No {
+                    slot.carry = old.carry;
+                }
+                *old = slot;
+            }
             Entry::Vacant(v) => {
                 v.insert(slot);
             }
@@ -183,6 +222,40 @@ impl Mem {
     /// Every table's rows (for the flusher).
     pub fn tables(&self) -> &[Rows] {
         &self.tables
+    }
+
+    /// Carry this (freezing) layer's live rows of the tables `carried`
+    /// names into `next`, each at most once, while `take` accepts them
+    /// (it logs each row it accepts). Marks them for the flusher to skip;
+    /// what readers see does not change. Returns the rows carried.
+    pub fn carry_into(
+        &mut self,
+        next: &mut Mem,
+        carried: impl Fn(&str) -> bool,
+        mut take: impl FnMut(&str, &[u8], &[u8]) -> bool,
+    ) -> usize {
+        let mut n = 0;
+        for t in self.tables.iter_mut().filter(|t| carried(&t.name)) {
+            for (k, s) in t.rows.iter_mut() {
+                let Some(v) = &s.value else { continue };
+                if s.carry != Carry::No {
+                    continue;
+                }
+                if !take(&t.name, k, v) {
+                    return n;
+                }
+                s.carry = Carry::Out;
+                let carry = if s.fresh { Carry::InFresh } else { Carry::In };
+                let slot = Slot {
+                    value: Some(v.clone()),
+                    fresh: false,
+                    carry,
+                };
+                next.put(&t.name, t.cmp, k.clone(), slot);
+                n += 1;
+            }
+        }
+        n
     }
 
     /// Rows held, tombstones included.
@@ -251,10 +324,7 @@ mod tests {
         MemKey::new(s.as_bytes(), ORDER)
     }
     fn val(s: &str) -> Slot {
-        Slot {
-            value: Some(Arc::from(s.as_bytes())),
-            fresh: false,
-        }
+        Slot::new(Some(Arc::from(s.as_bytes())), false)
     }
     fn fresh(s: &str) -> Slot {
         Slot {
@@ -265,6 +335,7 @@ mod tests {
     const GONE: Slot = Slot {
         value: None,
         fresh: false,
+        carry: Carry::No,
     };
     fn shown(m: &Mem) -> Vec<(String, Option<String>)> {
         m.tables()
@@ -337,5 +408,65 @@ mod tests {
             .map(|(k, s)| (k.bytes.to_vec(), s.value.is_some()))
             .collect();
         assert_eq!(got, vec![(b"a".to_vec(), false), (b"b".to_vec(), true)]);
+    }
+
+    #[test]
+    fn carried_rows_stay_hidden_once_removed_and_are_carried_once() {
+        let frozen = Arc::new(RwLock::new(Mem::default()));
+        write(&frozen).put("q", ORDER, key("a"), fresh("1"));
+        write(&frozen).put("q", ORDER, key("b"), val("1"));
+        write(&frozen).put("q", ORDER, key("gone"), GONE);
+        write(&frozen).put("other", ORDER, key("x"), fresh("1"));
+        let mut next = Mem::default();
+        let mut logged = Vec::new();
+        let n = write(&frozen).carry_into(
+            &mut next,
+            |t| t == "q",
+            |t, k, v| {
+                logged.push((t.to_string(), k.to_vec(), v.to_vec()));
+                true
+            },
+        );
+        assert_eq!(n, 2);
+        logged.sort();
+        assert_eq!(
+            logged,
+            vec![
+                ("q".into(), b"a".to_vec(), b"1".to_vec()),
+                ("q".into(), b"b".to_vec(), b"1".to_vec())
+            ]
+        );
+        {
+            let f = read(&frozen);
+            let carry = |k: &[u8]| f.get("q", k).unwrap().carry;
+            assert_eq!((carry(b"a"), carry(b"b")), (Carry::Out, Carry::Out));
+            assert_eq!(f.get("other", b"x").unwrap().carry, Carry::No);
+        }
+        let carry = |m: &Mem, k: &[u8]| m.get("q", k).map(|s| (s.carry, s.fresh));
+        assert_eq!(carry(&next, b"a"), Some((Carry::InFresh, false)));
+        assert_eq!(carry(&next, b"b"), Some((Carry::In, false)));
+        // Removed in the newer layer: a tombstone, which hides the frozen
+        // layer's version from readers and keeps what it was carried as.
+        let mut batch = Mem::default();
+        batch.put("q", ORDER, key("a"), GONE);
+        next.absorb(&mut batch);
+        assert_eq!(carry(&next, b"a"), Some((Carry::InFresh, false)));
+        let layers = Layers {
+            active: Arc::new(RwLock::new(next)),
+            frozen: Some(frozen),
+        };
+        assert!(layers.get("q", b"a").unwrap().value.is_none());
+        assert!(layers.get("q", b"b").unwrap().value.is_some());
+        // At the next freeze nothing is carried a second time.
+        let mut after = Mem::default();
+        let again = write(&layers.active).carry_into(&mut after, |_| true, |_, _, _| true);
+        assert_eq!(again, 0);
+        // The budget stops carrying; what is left stays for redb.
+        let mut m = Mem::default();
+        m.put("q", ORDER, key("a"), fresh("1"));
+        m.put("q", ORDER, key("b"), fresh("2"));
+        let mut next = Mem::default();
+        assert_eq!(m.carry_into(&mut next, |_| true, |_, _, _| false), 0);
+        assert!(m.tables()[0].rows.values().all(|s| s.carry == Carry::No));
     }
 }

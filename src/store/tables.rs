@@ -44,6 +44,18 @@ pub(crate) const RECEIPTS_OUT: TableDefinition<(&str, &str), &[u8]> =
     TableDefinition::new("receipts_out");
 
 /// Every table, for `create_all` and the write-ahead log's replay.
+/// Tables whose rows live briefly (queued envelopes, receipts not yet
+/// confirmed): a row still live when its memtable freezes is carried into
+/// the next one rather than written to redb (`store::mem::Carry`).
+pub(super) fn carried(name: &str) -> bool {
+    [
+        OUT_MESSAGES.name(),
+        INBOX_MESSAGES.name(),
+        RECEIPTS_OUT.name(),
+    ]
+    .contains(&name)
+}
+
 macro_rules! every_table {
     ($apply:ident) => {
         $apply!(

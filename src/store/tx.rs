@@ -22,7 +22,7 @@ use std::sync::Arc;
 use redb::{Key, TableDefinition, Value, WriteTransaction};
 
 use super::Error;
-use super::mem::{Mem, Rows, Slot};
+use super::mem::{Carry, Mem, Rows, Slot};
 use super::view::{Read, View};
 
 const INSERT: u8 = 1;
@@ -123,10 +123,7 @@ impl<K: Key + 'static, V: Value + 'static> Table<'_, K, V> {
             self.view.name(),
             K::compare,
             k.into(),
-            Slot {
-                value: Some(value),
-                fresh,
-            },
+            Slot::new(Some(value), fresh),
         );
     }
 
@@ -144,10 +141,7 @@ impl<K: Key + 'static, V: Value + 'static> Table<'_, K, V> {
             self.view.name(),
             K::compare,
             k.into(),
-            Slot {
-                value: value.map(Arc::from),
-                fresh,
-            },
+            Slot::new(value.map(Arc::from), fresh),
         );
     }
 }
@@ -252,9 +246,13 @@ pub(super) fn apply<K: Key + 'static, V: Value + 'static>(
     // beats a panic.
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         for (k, slot) in rows.sorted() {
-            match &slot.value {
-                Some(v) => table.insert(K::from_bytes(k), V::from_bytes(v))?,
-                None => table.remove(K::from_bytes(k))?,
+            match (&slot.value, slot.carry) {
+                // Carried into the next layer: that one writes it.
+                (_, Carry::Out) => continue,
+                // Neither this row nor any older version reached redb.
+                (None, Carry::InFresh) => continue,
+                (Some(v), _) => table.insert(K::from_bytes(k), V::from_bytes(v))?,
+                (None, _) => table.remove(K::from_bytes(k))?,
             };
         }
         Ok::<(), redb::StorageError>(())

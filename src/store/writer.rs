@@ -34,7 +34,7 @@ use super::flush::{self, Flush, Flusher};
 use super::mem::{self, Layers, Mem};
 use super::view::Read;
 use super::wal::{self, Wal};
-use super::{Done, Error, Job, MAX_BATCH, Tx, WriteStats};
+use super::{Done, Error, Job, MAX_BATCH, Tx, WriteStats, tables, tx};
 
 /// Checkpoint once the log file in use holds this much... The longer the
 /// interval, the more rows are written and removed again before it (a
@@ -50,6 +50,10 @@ const BUSY_BYTES: u64 = 1024 * 1024;
 /// (lazy registry updates, the odd message) checkpoints rarely, since each
 /// checkpoint is an fsync of its own.
 const QUIET_CHECKPOINT_EVERY: Duration = Duration::from_secs(5);
+/// Most value bytes carried into the next memtable at a freeze; the rest
+/// of what is live goes to redb. Bounds the carry record and the memory a
+/// large backlog keeps in memtables.
+const CARRY_BYTES: usize = 16 * 1024 * 1024;
 
 /// Whether to checkpoint, given how much the log file in use holds and how
 /// long ago the last checkpoint was.
@@ -136,6 +140,8 @@ pub(super) struct Writer {
     /// (the payload after `wal::HEADER` bytes kept for the record header).
     batch: RefCell<Mem>,
     log: RefCell<Vec<u8>>,
+    /// The record of the rows carried at a freeze (kept for its room).
+    carry: Vec<u8>,
     /// The memtable batches go into (the one in `Shared::layers`).
     active: Arc<RwLock<Mem>>,
     next_lsn: u64,
@@ -190,6 +196,7 @@ impl Writer {
             cur: 0,
             batch: RefCell::new(Mem::default()),
             log: RefCell::new(vec![0; wal::HEADER]),
+            carry: vec![0; wal::HEADER],
             active,
             next_lsn: checkpoint + 1,
             frozen_upto: checkpoint,
@@ -358,9 +365,49 @@ impl Writer {
 
     /// Hand the active memtable to the flusher and log into the other file
     /// (whose records the last checkpoint covers: the flusher is idle).
+    /// Short-lived rows still live are carried into the next memtable
+    /// (`mem::Carry`): logged again as the new file's first record, which
+    /// the flusher makes durable before its checkpoint lets the old file go.
     fn freeze(&mut self) {
         let last = self.next_lsn - 1;
-        let fresh = Arc::new(RwLock::new(Mem::default()));
+        self.cur ^= 1;
+        self.wals[self.cur].reset();
+        let mut next = Mem::default();
+        let carry = &mut self.carry;
+        carry.truncate(wal::HEADER);
+        let mut budget = CARRY_BYTES;
+        mem::write(&self.active).carry_into(&mut next, tables::carried, |table, key, value| {
+            let Some(left) = budget.checked_sub(value.len()) else {
+                return false;
+            };
+            budget = left;
+            tx::record(carry, table, key, Some(value));
+            true
+        });
+        let mut sync = None;
+        if carry.len() > wal::HEADER {
+            let wal = &mut self.wals[self.cur];
+            let appended = wal
+                .append_framed(self.next_lsn, carry)
+                .and_then(|()| wal.file());
+            match appended {
+                Ok(file) => sync = Some(file),
+                Err(e) => {
+                    self.shared.fail(
+                        wal.path(),
+                        "carrying live rows into the write-ahead log",
+                        &e,
+                    );
+                    return;
+                }
+            }
+            self.next_lsn += 1;
+            self.unsynced[self.cur] = true;
+            self.stats
+                .wal_bytes
+                .fetch_add(carry.len() as u64, Ordering::Relaxed);
+        }
+        let fresh = Arc::new(RwLock::new(next));
         let old = {
             let mut layers = self.shared.layers_mut();
             let old = std::mem::replace(&mut layers.active, fresh.clone());
@@ -369,13 +416,15 @@ impl Writer {
         };
         self.active = fresh;
         self.frozen_upto = last;
-        self.cur ^= 1;
-        self.wals[self.cur].reset();
         self.last_checkpoint = Instant::now();
-        let handed = self
-            .flusher
-            .as_ref()
-            .is_some_and(|f| f.send(Flush { mem: old, last }).is_ok());
+        let handed = self.flusher.as_ref().is_some_and(|f| {
+            f.send(Flush {
+                mem: old,
+                last,
+                sync,
+            })
+            .is_ok()
+        });
         if !handed {
             self.shared.fail(
                 self.wals[self.cur].path(),
