@@ -115,6 +115,35 @@ pub(super) struct Rows {
 }
 
 impl Rows {
+    /// Write `slot` over whatever this table holds for `key`.
+    fn put(&mut self, key: Box<[u8]>, mut slot: Slot) {
+        use std::collections::hash_map::Entry;
+        // One hash and one probe (a lookup, then an insert on a miss, was
+        // two of each: a third of the cost of moving a batch in).
+        match self.rows.entry(key) {
+            Entry::Occupied(old) if old.get().fresh => {
+                if slot.value.is_none() {
+                    // Nothing older to hide: the row simply never was.
+                    old.remove();
+                } else {
+                    slot.fresh = true;
+                    *old.into_mut() = slot;
+                }
+            }
+            Entry::Occupied(old) => {
+                let old = old.into_mut();
+                // A carried row stays carried (and is not carried again).
+                if old.carry != Carry::No {
+                    slot.carry = old.carry;
+                }
+                *old = slot;
+            }
+            Entry::Vacant(v) => {
+                v.insert(slot);
+            }
+        }
+    }
+
     /// The rows in key order (for the flusher: redb inserts faster in order).
     pub fn sorted(&self) -> Vec<(&[u8], &Slot)> {
         let mut v: Vec<(&[u8], &Slot)> = self.rows.iter().map(|(k, s)| (&**k, s)).collect();
@@ -154,40 +183,21 @@ impl Mem {
     }
 
     /// Write `slot` over whatever this layer holds for `key`.
-    pub fn put(&mut self, name: &str, cmp: Cmp, key: Box<[u8]>, mut slot: Slot) {
-        use std::collections::hash_map::Entry;
-        // One hash and one probe (a lookup, then an insert on a miss, was
-        // two of each: a third of the cost of moving a batch in).
-        match self.table_mut(name, cmp).rows.entry(key) {
-            Entry::Occupied(old) if old.get().fresh => {
-                if slot.value.is_none() {
-                    // Nothing older to hide: the row simply never was.
-                    old.remove();
-                } else {
-                    slot.fresh = true;
-                    *old.into_mut() = slot;
-                }
-            }
-            Entry::Occupied(old) => {
-                let old = old.into_mut();
-                // A carried row stays carried (and is not carried again).
-                if old.carry != Carry::No {
-                    slot.carry = old.carry;
-                }
-                *old = slot;
-            }
-            Entry::Vacant(v) => {
-                v.insert(slot);
-            }
-        }
+    pub fn put(&mut self, name: &str, cmp: Cmp, key: Box<[u8]>, slot: Slot) {
+        self.table_mut(name, cmp).put(key, slot);
     }
 
     /// Move every row of `newer` over this layer's, leaving `newer` empty
     /// (its maps keep their room for the next batch).
     pub fn absorb(&mut self, newer: &mut Mem) {
         for t in &mut newer.tables {
+            if t.rows.is_empty() {
+                continue;
+            }
+            // The table once per table, not once per row.
+            let into = self.table_mut(&t.name, t.cmp);
             for (k, s) in t.rows.drain() {
-                self.put(&t.name, t.cmp, k, s);
+                into.put(k, s);
             }
         }
     }
