@@ -170,11 +170,13 @@ fn ms(d: Duration) -> String {
     format!("{:.2} ms", d.as_secs_f64() * 1000.0)
 }
 
-/// Consumer: long-polls Bob's inbox, records arrival times, acks in batches.
+/// Consumer: long-polls Bob's inbox, records arrival times (for the
+/// latency runs; the throughput run counts acks, as the JetStream consumer
+/// of `scripts/nats-bench` keeps no map either), acks in batches.
 fn spawn_consumer(
     b: NodeHandle,
     bob: AgentId,
-    arrivals: Arc<Mutex<HashMap<String, Instant>>>,
+    arrivals: Option<Arc<Mutex<HashMap<String, Instant>>>>,
     stop: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
@@ -194,8 +196,8 @@ fn spawn_consumer(
             if msgs.is_empty() {
                 continue;
             }
-            let now = Instant::now();
-            {
+            if let Some(arrivals) = &arrivals {
+                let now = Instant::now();
                 let mut a = arrivals.lock().unwrap_or_else(|p| p.into_inner());
                 for m in &msgs {
                     a.entry(m.envelope.id.clone()).or_insert(now);
@@ -267,9 +269,8 @@ pub async fn run(o: Opts) -> Result<(), Error> {
 async fn throughput(o: &Opts, pair: &Pair) -> Result<serde_json::Value, Error> {
     let (a, b) = (pair.a()?, pair.b()?);
     let body = body_of(o.size);
-    let arrivals = Arc::new(Mutex::new(HashMap::new()));
     let stop = CancellationToken::new();
-    let consumer = spawn_consumer(b.clone(), pair.bob.clone(), arrivals.clone(), stop.clone());
+    let consumer = spawn_consumer(b.clone(), pair.bob.clone(), None, stop.clone());
     let stored0 = load(&b.delivery().stats().inbox_stored);
     let acked0 = load(&b.delivery().stats().acked);
     let fsyncs = |h: &NodeHandle| {
@@ -409,7 +410,12 @@ async fn latency(o: &Opts, pair: &Pair, rate: u64) -> Result<serde_json::Value, 
     let body = body_of(o.size);
     let arrivals = Arc::new(Mutex::new(HashMap::new()));
     let stop = CancellationToken::new();
-    let consumer = spawn_consumer(b.clone(), pair.bob.clone(), arrivals.clone(), stop.clone());
+    let consumer = spawn_consumer(
+        b.clone(),
+        pair.bob.clone(),
+        Some(arrivals.clone()),
+        stop.clone(),
+    );
     let total = (rate * o.rate_secs) as usize;
     let sent_at: Arc<Mutex<HashMap<String, Instant>>> =
         Arc::new(Mutex::new(HashMap::with_capacity(total)));
