@@ -296,12 +296,18 @@ pub struct OutHead {
 /// `OutHead`, then the envelope exactly as it goes on the wire. The row
 /// lives until the message is handed over or final (see [`Summary`]).
 pub fn encode_outgoing(head: &OutHead, envelope: &[u8]) -> Vec<u8> {
-    let head = wire::encode(head);
-    let mut out = Vec::with_capacity(4 + head.len() + envelope.len());
-    out.extend_from_slice(&(head.len() as u32).to_le_bytes());
-    out.extend_from_slice(&head);
-    out.extend_from_slice(envelope);
+    let mut out = Vec::new();
+    write_outgoing(&mut out, &wire::encode(head), envelope);
     out
+}
+
+/// Append an `OUT_MESSAGES` value to `out` (straight into a log record),
+/// given the encoded `OutHead`.
+pub fn write_outgoing(out: &mut Vec<u8>, head: &[u8], envelope: &[u8]) {
+    out.reserve(4 + head.len() + envelope.len());
+    out.extend_from_slice(&(head.len() as u32).to_le_bytes());
+    out.extend_from_slice(head);
+    out.extend_from_slice(envelope);
 }
 
 /// Split an `OUT_MESSAGES` value into its head and the encoded envelope.

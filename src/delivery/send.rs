@@ -150,7 +150,8 @@ impl Delivery {
                 to_node: r.node_name.clone(),
             };
             let bytes = wire::encode(&env);
-            let record = records::encode_outgoing(&head, &bytes);
+            // The row's value is written into the log record by the writer.
+            let record = wire::encode(&head);
             if let Some(orig) = &env.reply_to {
                 replies.push((orig.clone(), env.id.clone()));
             }
@@ -192,8 +193,10 @@ impl Delivery {
                 // No `OUT_STATUS` row yet: a message without one is queued.
                 // The ids are new, so the rows are too.
                 let mut msgs = txn.open_table(OUT_MESSAGES)?;
-                for (out, record) in &rows {
-                    msgs.insert_new(out.id.as_str(), record.as_slice())?;
+                for (out, head) in &rows {
+                    msgs.insert_new_with(out.id.as_str(), |b| {
+                        records::write_outgoing(b, head, &out.bytes)
+                    })?;
                 }
                 if !replies.is_empty() {
                     let mut t = txn.open_table(REPLIES)?;
