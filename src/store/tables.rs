@@ -43,7 +43,6 @@ pub(crate) const INBOX_MESSAGES: TableDefinition<(&str, &str), &[u8]> =
 pub(crate) const RECEIPTS_OUT: TableDefinition<(&str, &str), &[u8]> =
     TableDefinition::new("receipts_out");
 
-/// Every table, for `create_all` and the write-ahead log's replay.
 /// Tables whose rows live briefly (queued envelopes, receipts not yet
 /// confirmed): a row still live when its memtable freezes is carried into
 /// the next one rather than written to redb (`store::mem::Carry`).
@@ -56,6 +55,7 @@ pub(super) fn carried(name: &str) -> bool {
     .contains(&name)
 }
 
+/// Every table, for `create_all` and the write-ahead log's replay.
 macro_rules! every_table {
     ($apply:ident) => {
         $apply!(

@@ -140,8 +140,6 @@ pub(super) struct Writer {
     /// (the payload after `wal::HEADER` bytes kept for the record header).
     batch: RefCell<Mem>,
     log: RefCell<Vec<u8>>,
-    /// The record of the rows carried at a freeze (kept for its room).
-    carry: Vec<u8>,
     /// The memtable batches go into (the one in `Shared::layers`).
     active: Arc<RwLock<Mem>>,
     next_lsn: u64,
@@ -196,7 +194,6 @@ impl Writer {
             cur: 0,
             batch: RefCell::new(Mem::default()),
             log: RefCell::new(vec![0; wal::HEADER]),
-            carry: vec![0; wal::HEADER],
             active,
             next_lsn: checkpoint + 1,
             frozen_upto: checkpoint,
@@ -373,22 +370,23 @@ impl Writer {
         self.cur ^= 1;
         self.wals[self.cur].reset();
         let mut next = Mem::default();
-        let carry = &mut self.carry;
-        carry.truncate(wal::HEADER);
+        // A buffer of its own per freeze: up to 16 MiB that would
+        // otherwise stay allocated between checkpoints.
+        let mut carry = vec![0; wal::HEADER];
         let mut budget = CARRY_BYTES;
         mem::write(&self.active).carry_into(&mut next, tables::carried, |table, key, value| {
             let Some(left) = budget.checked_sub(value.len()) else {
                 return false;
             };
             budget = left;
-            tx::record(carry, table, key, Some(value));
+            tx::record(&mut carry, table, key, Some(value));
             true
         });
         let mut sync = None;
         if carry.len() > wal::HEADER {
             let wal = &mut self.wals[self.cur];
             let appended = wal
-                .append_framed(self.next_lsn, carry)
+                .append_framed(self.next_lsn, &mut carry)
                 .and_then(|()| wal.file());
             match appended {
                 Ok(file) => sync = Some(file),
