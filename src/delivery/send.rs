@@ -122,6 +122,7 @@ impl Delivery {
         let n = recipients.len();
         let mut req = req;
         let mut from_handle = Some(from_handle);
+        // Each outbound message with its encoded `OutHead`.
         let mut rows: Vec<(Outbound, Vec<u8>)> = Vec::with_capacity(n);
         let mut replies: Vec<(String, String)> = Vec::new();
         let mut routes: Vec<Recipient> = Vec::with_capacity(n);
@@ -151,11 +152,11 @@ impl Delivery {
             };
             let bytes = wire::encode(&env);
             // The row's value is written into the log record by the writer.
-            let record = wire::encode(&head);
+            let head_bytes = wire::encode(&head);
             if let Some(orig) = &env.reply_to {
                 replies.push((orig.clone(), env.id.clone()));
             }
-            rows.push((Outbound::from_parts(env, head, bytes), record));
+            rows.push((Outbound::from_parts(env, head, bytes), head_bytes));
             routes.push(r);
         }
         let idem = idempotency_key.map(|k| {

@@ -69,7 +69,7 @@ pub(super) struct Slot {
     pub value: Option<Arc<[u8]>>,
     /// No version of this key exists in any older layer.
     pub fresh: bool,
-    /// Whether the row moved between layers at a freeze (see `carry`).
+    /// Whether the row moved between layers at a freeze (see [`Carry`]).
     pub carry: Carry,
 }
 

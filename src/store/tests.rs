@@ -264,17 +264,7 @@ async fn values_written_into_the_log_read_back_and_replay() {
         })
         .await
         .unwrap();
-    let values = |s: &Store| -> Vec<(String, Vec<u8>)> {
-        let r = s.read().unwrap();
-        let t = r.open_table(tables::LOCAL_AGENTS).unwrap();
-        t.iter()
-            .unwrap()
-            .map(|row| {
-                let (k, v) = row.unwrap();
-                (k.value().to_string(), v.value().to_vec())
-            })
-            .collect()
-    };
+    let values = |s: &Store| string_rows(s, tables::LOCAL_AGENTS);
     let expected = vec![
         ("a".to_string(), b"third".to_vec()),
         ("b".to_string(), b"second".to_vec()),
@@ -573,8 +563,16 @@ fn out_messages_in_redb(dir: &Path) -> Vec<String> {
 }
 
 fn out_messages(store: &Store) -> Vec<(String, Vec<u8>)> {
+    string_rows(store, tables::OUT_MESSAGES)
+}
+
+/// Every row of a table keyed by strings, as the store reads it.
+fn string_rows(
+    store: &Store,
+    def: TableDefinition<'static, &'static str, &'static [u8]>,
+) -> Vec<(String, Vec<u8>)> {
     let r = store.read().unwrap();
-    let t = r.open_table(tables::OUT_MESSAGES).unwrap();
+    let t = r.open_table(def).unwrap();
     t.iter()
         .unwrap()
         .map(|row| {

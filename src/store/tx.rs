@@ -100,11 +100,13 @@ impl<K: Key + 'static, V: Value + 'static> Table<'_, K, V> {
     pub fn remove<'k>(&mut self, key: impl Borrow<K::SelfType<'k>>) -> Result<(), Error> {
         let key = key.borrow();
         if self.view.get(key)?.is_some() {
-            self.put(key, None, false);
+            self.tombstone(key);
         }
         Ok(())
     }
 
+    /// Record an insert for the log, its value written by `write` straight
+    /// into the record, and put it into the batch's memtable.
     fn put_with(&self, key: &K::SelfType<'_>, write: impl FnOnce(&mut Vec<u8>), fresh: bool) {
         let k = K::as_bytes(key);
         let k = k.as_ref();
@@ -128,20 +130,21 @@ impl<K: Key + 'static, V: Value + 'static> Table<'_, K, V> {
     }
 
     fn set(&self, key: &K::SelfType<'_>, value: &V::SelfType<'_>, fresh: bool) {
-        self.put(key, Some(V::as_bytes(value).as_ref()), fresh);
+        let v = V::as_bytes(value);
+        self.put_with(key, |b| b.extend_from_slice(v.as_ref()), fresh);
     }
 
-    /// Record an insert (`value` given) or a remove for the log and put it
-    /// into the batch's memtable.
-    fn put(&self, key: &K::SelfType<'_>, value: Option<&[u8]>, fresh: bool) {
+    /// Record a remove for the log and put its tombstone into the batch's
+    /// memtable.
+    fn tombstone(&self, key: &K::SelfType<'_>) {
         let k = K::as_bytes(key);
         let k = k.as_ref();
-        record(&mut self.log.borrow_mut(), self.view.name(), k, value);
+        record(&mut self.log.borrow_mut(), self.view.name(), k, None);
         self.batch.borrow_mut().put(
             self.view.name(),
             K::compare,
             k.into(),
-            Slot::new(value.map(Arc::from), fresh),
+            Slot::new(None, false),
         );
     }
 }
