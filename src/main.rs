@@ -48,6 +48,10 @@ struct Cli {
     /// Log output format.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    /// Threads of the async runtime (default: one per core).
+    #[arg(long, global = true, env = "AGENTMESH_WORKER_THREADS", value_name = "N",
+          value_parser = clap::value_parser!(u16).range(1..=1024))]
+    worker_threads: Option<u16>,
     #[command(subcommand)]
     command: Command,
 }
@@ -141,6 +145,7 @@ fn main() -> ExitCode {
     };
     init_logging(cli.log_format, default);
     let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(worker_threads(&cli))
         .enable_all()
         .build()
     {
@@ -161,6 +166,18 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// Async worker threads: `--worker-threads`, else one per core. One
+/// worker on 2 cores took about 7% less CPU per message in `bench
+/// delivery` (the three storage threads of each node then have a core
+/// to themselves) but moved no more messages per second
+/// (BENCHMARKS.md, stop 16), so the default stays one per core.
+fn worker_threads(cli: &Cli) -> usize {
+    cli.worker_threads.map_or_else(
+        || std::thread::available_parallelism().map_or(1, |n| n.get()),
+        usize::from,
+    )
 }
 
 fn init_logging(format: LogFormat, default: &str) {

@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 
 use super::Error;
 
-/// Print the facts a figure depends on: cores and build profile. A debug
+/// Print the facts a figure depends on: cores, async worker threads and
+/// build profile. A debug
 /// build is announced loudly: its figures mean nothing.
 pub(crate) fn print_machine() {
     let cores = std::thread::available_parallelism()
@@ -18,7 +19,12 @@ pub(crate) fn print_machine() {
     } else {
         "release"
     };
-    println!("machine: {cores} cores available; build profile: {profile}");
+    let workers = tokio::runtime::Handle::try_current()
+        .map(|h| h.metrics().num_workers().to_string())
+        .unwrap_or_else(|_| "no".into());
+    println!(
+        "machine: {cores} cores available; {workers} async worker threads; build profile: {profile}"
+    );
     if cfg!(debug_assertions) {
         println!();
         println!("!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!");
