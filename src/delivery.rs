@@ -249,6 +249,11 @@ impl Delivery {
     }
 }
 
+/// Signing domain of delivery batches (`wire::digest_signing_bytes`).
+pub(crate) const DELIVER_DOMAIN: &str = "deliver.b3";
+/// Signing domain of receipt batches.
+pub(crate) const RECEIPTS_DOMAIN: &str = "receipts.b3";
+
 /// Verify a node's signature over an encoded payload.
 fn verify_node_sig(peer: &PeerId, domain: &str, payload: &[u8], sig: &[u8]) -> Result<(), String> {
     let pk = crate::identity::public_key_of(peer).map_err(|e| format!("sender node key: {e}"))?;

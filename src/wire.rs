@@ -121,13 +121,16 @@ pub fn signing_bytes<T: Serialize>(domain: &str, value: &T) -> Vec<u8> {
     signing_bytes_raw(domain, &encode(value))
 }
 
-/// What a batch signature covers: the domain and the SHA-256 digest of the
-/// encoded payload. Signing the digest hashes the (large) payload once, with
-/// the CPU's SHA extensions where it has them, instead of twice with
-/// ed25519's SHA-512.
+/// What a batch signature covers: the domain and the BLAKE3 digest of the
+/// encoded payload. Signing the digest hashes the (large) payload once
+/// instead of twice with ed25519's SHA-512. BLAKE3 rather than SHA-256:
+/// every delivered message is hashed once on each node, and on this
+/// project's 2-core benchmark machine BLAKE3 ran at 6.3 GB/s against
+/// SHA-256's 1.8 GB/s with the CPU's SHA extensions (BENCHMARKS.md, stop
+/// 16). The domain names the digest (`deliver.b3`), so a node that
+/// hashed otherwise fails the check instead of misreading it.
 pub fn digest_signing_bytes(domain: &str, payload: &[u8]) -> Vec<u8> {
-    use sha2::{Digest, Sha256};
-    signing_bytes_raw(domain, &Sha256::digest(payload))
+    signing_bytes_raw(domain, blake3::hash(payload).as_bytes())
 }
 
 /// Like `signing_bytes`, over bytes that are already encoded.

@@ -14,7 +14,7 @@ use tracing::{Instrument, debug, warn};
 
 use super::queue::{Backoff, Item, Outbound, Queues};
 use super::records::{self, Progress, Status};
-use super::{Delivery, Stats, ids};
+use super::{DELIVER_DOMAIN, Delivery, RECEIPTS_DOMAIN, Stats, ids};
 use crate::store::tables::{OUT_MESSAGES, OUT_STATUS, RECEIPTS_OUT};
 use crate::time::now_ms;
 use crate::wire::envelope::{
@@ -394,7 +394,7 @@ async fn request_delivery(
     let sig = d
         .inner
         .node_key
-        .sign(&wire::digest_signing_bytes("deliver", &payload))
+        .sign(&wire::digest_signing_bytes(DELIVER_DOMAIN, &payload))
         .to_vec();
     let bytes = d
         .inner
@@ -576,7 +576,7 @@ async fn send_receipts(
         let sig = d
             .inner
             .node_key
-            .sign(&wire::digest_signing_bytes("receipts", &payload))
+            .sign(&wire::digest_signing_bytes(RECEIPTS_DOMAIN, &payload))
             .to_vec();
         let bytes = d
             .inner

@@ -223,7 +223,7 @@ impl Delivery {
                 payload.len()
             ));
         }
-        verify_node_sig(&peer, "deliver", payload, sig)?;
+        verify_node_sig(&peer, super::DELIVER_DOMAIN, payload, sig)?;
         let p: DeliverPayload =
             wire::decode(payload, MAX_BATCH_BYTES).map_err(|e| e.to_string())?;
         if p.to_node != self.inner.node_id.to_string() {

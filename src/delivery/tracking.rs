@@ -78,7 +78,7 @@ impl Delivery {
         payload: &[u8],
         sig: &[u8],
     ) -> Result<(), String> {
-        verify_node_sig(&peer, "receipts", payload, sig)?;
+        verify_node_sig(&peer, super::RECEIPTS_DOMAIN, payload, sig)?;
         let p: ReceiptPayload =
             wire::decode(payload, wire::MAX_FRAME_BYTES).map_err(|e| e.to_string())?;
         if p.to_node != self.inner.node_id.to_string() {

@@ -35,7 +35,7 @@ pub enum Request {
         key: String,
     },
     /// A batch of messages: `payload` is an encoded `DeliverPayload`,
-    /// `sig` the sending node's signature over `digest_signing_bytes("deliver", payload)`.
+    /// `sig` the sending node's signature over `digest_signing_bytes("deliver.b3", payload)` (BLAKE3 digest).
     Deliver {
         /// Encoded `DeliverPayload`.
         #[serde(with = "serde_bytes")]
@@ -49,7 +49,7 @@ pub enum Request {
         /// Encoded `ReceiptPayload`.
         #[serde(with = "serde_bytes")]
         payload: Vec<u8>,
-        /// Node signature over `digest_signing_bytes("receipts", payload)`.
+        /// Node signature over `digest_signing_bytes("receipts.b3", payload)`.
         #[serde(with = "serde_bytes")]
         sig: Vec<u8>,
     },
