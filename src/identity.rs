@@ -173,9 +173,16 @@ pub fn public_key_of(peer: &PeerId) -> Result<[u8; 32], Error> {
 pub type IdMap<V> = std::collections::HashMap<AgentId, V, foldhash::fast::RandomState>;
 
 /// An agent's id: `agt_` + base58(public key).
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize)]
-#[serde(try_from = "String")]
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct AgentId(String);
+
+/// Decoded from a borrowed `&str` where the format lends one
+/// (`wire::owned`), then checked like `TryFrom<String>`.
+impl<'de> Deserialize<'de> for AgentId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        AgentId::try_from(crate::wire::owned::string(d)?).map_err(serde::de::Error::custom)
+    }
+}
 
 /// Serialized as the plain string, without the copy `into = "String"` makes.
 impl Serialize for AgentId {

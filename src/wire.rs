@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 pub mod ad;
 pub mod envelope;
+pub mod owned;
 pub mod rpc;
 
 pub use ad::{AdBody, AdState, Capability, SignedAd};

@@ -140,18 +140,24 @@ pub struct Summary {
     /// Sending agent.
     pub from: AgentId,
     /// Its handle.
+    #[serde(deserialize_with = "crate::wire::owned::string")]
     pub from_handle: String,
     /// Recipient agent.
     pub to: AgentId,
     /// Its handle when sent.
+    #[serde(deserialize_with = "crate::wire::owned::string")]
     pub to_handle: String,
     /// Its node.
+    #[serde(deserialize_with = "crate::wire::owned::string")]
     pub to_node: String,
     /// Subject line.
+    #[serde(default, deserialize_with = "crate::wire::owned::opt_string")]
     pub subject: Option<String>,
     /// The message this one answers.
+    #[serde(default, deserialize_with = "crate::wire::owned::opt_string")]
     pub reply_to: Option<String>,
     /// Trace id.
+    #[serde(deserialize_with = "crate::wire::owned::string")]
     pub trace_id: String,
     /// Created, ms.
     pub created_at_ms: u64,
@@ -376,6 +382,7 @@ pub enum InboxState {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InboxRecord {
     /// Node that sent it (receipts go there).
+    #[serde(deserialize_with = "crate::wire::owned::string")]
     pub from_node: String,
     /// Where it stands.
     pub state: InboxState,

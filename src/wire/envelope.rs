@@ -22,18 +22,23 @@ pub const MAX_BATCH_BYTES: usize = 8 * 1024 * 1024;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Envelope {
     /// Sortable unique id, minted by the sending node.
+    #[serde(deserialize_with = "crate::wire::owned::string")]
     pub id: String,
     /// Sending agent.
     pub from: AgentId,
     /// Its handle (for display at the recipient).
+    #[serde(deserialize_with = "crate::wire::owned::string")]
     pub from_handle: String,
     /// Receiving agent.
     pub to: AgentId,
     /// Optional subject line.
+    #[serde(default, deserialize_with = "crate::wire::owned::opt_string")]
     pub subject: Option<String>,
     /// Body, as JSON text.
+    #[serde(deserialize_with = "crate::wire::owned::string")]
     pub body_json: String,
     /// Id of the message this one answers.
+    #[serde(default, deserialize_with = "crate::wire::owned::opt_string")]
     pub reply_to: Option<String>,
     /// Creation time at the sender, ms since the epoch.
     pub created_at_ms: u64,
@@ -41,8 +46,10 @@ pub struct Envelope {
     pub expires_at_ms: u64,
     /// Trace id shared by every message of one task (defaults to the id of
     /// the message that started it).
+    #[serde(deserialize_with = "crate::wire::owned::string")]
     pub trace_id: String,
     /// Delegation chain, as JSON text, carried for governance checks.
+    #[serde(default, deserialize_with = "crate::wire::owned::opt_string")]
     pub delegation_json: Option<String>,
 }
 
@@ -142,6 +149,7 @@ pub enum Rejection {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Receipt {
     /// The message.
+    #[serde(deserialize_with = "crate::wire::owned::string")]
     pub message_id: String,
     /// What happened.
     pub kind: ReceiptKind,
