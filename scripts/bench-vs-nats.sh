@@ -160,6 +160,13 @@ sys.exit(0 if always == (name == "always") else 1)
 PY
 }
 
+# settle: write back every dirty page before a measured run. JetStream's
+# default sync leaves its stream files (100 MB for 100k messages) dirty in
+# the page cache, and the kernel writes them back about 30 s later, in
+# the middle of whichever run comes next: each run should pay only for
+# its own writes.
+settle() { sync; }
+
 # last_json FILE: the last line of FILE that is a JSON object.
 last_json() { grep '^{' "$1" | tail -n 1; }
 
@@ -171,6 +178,7 @@ export TMPDIR="$work" # agentmesh's scratch dirs go next to the JetStream stores
 
 # --- 4. the runs ------------------------------------------------------------
 say "agentmesh: $messages × $size B, $concurrency producers; latency at $rate msg/s for $rate_secs s"
+settle
 "$agentmesh" bench delivery --messages "$messages" --size "$size" --concurrency "$concurrency" \
   --rates "$rate" --rate-secs "$rate_secs" --replay 0 --json | tee "$work/agentmesh.out" ||
   die "agentmesh bench delivery failed"
@@ -179,6 +187,7 @@ for sync in default always; do
   sync_line=""
   [ "$sync" = always ] && sync_line="sync_interval: always"
   say "JetStream ($sync sync): $messages × $size B, $concurrency publish acks in flight; latency at $rate msg/s for $rate_secs s"
+  settle
   start_server "$sync" "$sync_line"
   "$natsbench" --url "$server_url" --label "$sync" --messages "$messages" --size "$size" \
     --inflight "$concurrency" --rate "$rate" --rate-secs "$rate_secs" --server-pid "$server_pid" --json |
@@ -190,8 +199,10 @@ done
 : >"$work/rounds.out"
 for r in $(seq 2 "$rounds"); do
   say "round $r of $rounds: agentmesh, then JetStream (default sync), throughput only"
+  settle
   "$agentmesh" bench delivery --messages "$messages" --size "$size" --concurrency "$concurrency" \
     --rate-secs 0 --replay 0 --json >"$work/am-round.out" || die "agentmesh bench delivery (round $r) failed"
+  settle
   start_server "default-r$r" ""
   "$natsbench" --url "$server_url" --label default --messages "$messages" --size "$size" \
     --inflight "$concurrency" --rate-secs 0 --server-pid "$server_pid" --json >"$work/js-round.out" ||
@@ -209,6 +220,7 @@ print("  agentmesh %s msg/s, JetStream default %s msg/s" % (
 done
 
 say "physical limits of this machine (disk under $work)"
+settle
 "$agentmesh" bench limits --dir "$work" --json | tee "$work/limits.out" ||
   die "agentmesh bench limits failed"
 echo "load average at end: $(cut -d' ' -f1-3 /proc/loadavg)"
