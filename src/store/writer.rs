@@ -8,7 +8,9 @@
 //! batch while the disk works. The syncer fsyncs the log once for
 //! everything handed to it since its last fsync, then answers those
 //! callers. So the disk's latency overlaps the CPU work of the next batch,
-//! and every answer still means "on disk".
+//! and every answer still means "on disk". Under load both wait a little
+//! before they start (see [`gather`] and [`linger`]), so that each group
+//! commit and each fsync covers more callers.
 //!
 //! Once the log file in use holds enough, the writer freezes the active
 //! memtable, hands it to the flusher thread (`store::flush`) and moves on
