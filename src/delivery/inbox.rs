@@ -116,7 +116,12 @@ impl<'t> InboxTables<'t> {
         rec.lease_until_ms = 0;
         self.inbox
             .insert_with((agent, id), |b| wire::encode_into(b, &rec))?;
-        self.messages.remove((agent, id))?;
+        if first {
+            // A pending entry's envelope is stored until it ends.
+            self.messages.discard((agent, id))?;
+        } else {
+            self.messages.remove((agent, id))?;
+        }
         let receipt = Receipt {
             message_id: id.to_string(),
             kind,

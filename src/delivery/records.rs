@@ -352,16 +352,18 @@ pub fn hand_over(
         return Ok(());
     }
     p.summary = match known {
+        // The caller's queue item was read from the row, which only this
+        // hand-over removes: no need to look it up again.
         Some(s) => Some(s.clone()),
         None => match msgs.get(id)? {
             Some(v) => {
                 let (head, env) = decode_outgoing(v.value())?;
                 Some(Summary::of(&env, &head))
             }
-            None => None,
+            None => return Ok(()),
         },
     };
-    msgs.remove(id)
+    msgs.discard(id)
 }
 
 /// State of an inbox entry.

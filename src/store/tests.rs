@@ -628,3 +628,49 @@ async fn short_lived_rows_are_carried_past_a_checkpoint_once_and_survive_a_crash
     let (reopened, _w2) = Store::open(copy.path()).unwrap();
     assert_eq!(out_messages(&reopened), both[1..].to_vec());
 }
+
+#[tokio::test]
+async fn discard_removes_a_stored_row_and_is_harmless_for_a_missing_one() {
+    let rows = |store: &Store| -> Vec<(u64, u64)> {
+        let r = store.read().unwrap();
+        let t = r.open_table(T).unwrap();
+        t.iter()
+            .unwrap()
+            .map(|row| {
+                let (k, v) = row.unwrap();
+                (k.value(), v.value())
+            })
+            .collect()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (store, writer) = Store::open(dir.path()).unwrap();
+    store
+        .write(|txn| {
+            let mut t = txn.open_table(T)?;
+            t.insert(1, 10)?;
+            t.insert(2, 20)?;
+            t.insert(3, 30)
+        })
+        .await
+        .unwrap();
+    // Closing checkpoints: rows 1 to 3 are in redb now.
+    drop(store);
+    writer.join();
+    let (store, writer) = Store::open(dir.path()).unwrap();
+    store
+        .write(|txn| {
+            let mut t = txn.open_table(T)?;
+            t.insert_new(4, 40)?;
+            // From redb, from the memtable, and a key stored nowhere.
+            t.discard(1)?;
+            t.discard(4)?;
+            t.discard(99)
+        })
+        .await
+        .unwrap();
+    assert_eq!(rows(&store), vec![(2, 20), (3, 30)]);
+    drop(store);
+    writer.join();
+    let (store, _w) = Store::open(dir.path()).unwrap();
+    assert_eq!(rows(&store), vec![(2, 20), (3, 30)]);
+}

@@ -105,6 +105,16 @@ impl<K: Key + 'static, V: Value + 'static> Table<'_, K, V> {
         Ok(())
     }
 
+    /// Remove a key the caller knows is stored (it read the row, or wrote
+    /// it and nothing else removes it), without looking it up first: the
+    /// lookup [`Table::remove`] makes goes through every memtable layer
+    /// and, for a miss, redb. Should the key not be stored after all, the
+    /// tombstone costs a log entry and a no-op at the next checkpoint.
+    pub fn discard<'k>(&mut self, key: impl Borrow<K::SelfType<'k>>) -> Result<(), Error> {
+        self.tombstone(key.borrow());
+        Ok(())
+    }
+
     /// Record an insert for the log, its value written by `write` straight
     /// into the record, and put it into the batch's memtable.
     fn put_with(&self, key: &K::SelfType<'_>, write: impl FnOnce(&mut Vec<u8>), fresh: bool) {
