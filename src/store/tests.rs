@@ -631,17 +631,6 @@ async fn short_lived_rows_are_carried_past_a_checkpoint_once_and_survive_a_crash
 
 #[tokio::test]
 async fn discard_removes_a_stored_row_and_is_harmless_for_a_missing_one() {
-    let rows = |store: &Store| -> Vec<(u64, u64)> {
-        let r = store.read().unwrap();
-        let t = r.open_table(T).unwrap();
-        t.iter()
-            .unwrap()
-            .map(|row| {
-                let (k, v) = row.unwrap();
-                (k.value(), v.value())
-            })
-            .collect()
-    };
     let dir = tempfile::tempdir().unwrap();
     let (store, writer) = Store::open(dir.path()).unwrap();
     store

@@ -9,7 +9,7 @@
 //! everything handed to it since its last fsync, then answers those
 //! callers. So the disk's latency overlaps the CPU work of the next batch,
 //! and every answer still means "on disk". Under load both wait a little
-//! before they start (see [`gather`] and [`linger`]), so that each group
+//! before they start (see [`GATHER`] and [`LINGER`]), so that each group
 //! commit and each fsync covers more callers.
 //!
 //! Once the log file in use holds enough, the writer freezes the active
@@ -215,9 +215,7 @@ impl Writer {
         let mut last = 0;
         while let Some(first) = rx.blocking_recv() {
             batch.push(first);
-            if let Some(d) = gather(last) {
-                std::thread::sleep(d);
-            }
+            GATHER.take(last);
             while batch.len() < MAX_BATCH {
                 match rx.try_recv() {
                     Ok(job) => batch.push(job),
@@ -446,43 +444,56 @@ fn answer_all(batch: &mut Vec<Job>, e: &Error) {
     }
 }
 
-/// How long the writer waits, once a closure has arrived, for more to join
-/// its group commit, given how many the previous one ran. Under load,
-/// callers arrive a few microseconds apart and a group commit of a handful
-/// costs nearly what one of fifty does (waking the thread, a snapshot, a
-/// `write` syscall, moving rows into the memtable, handing over to the
-/// syncer): with 128 producers on 2 cores, waiting 50 µs made the sender's
-/// group commits 2,700 instead of 18,000 per 100k messages, took about 6%
-/// less CPU per message and moved about 4% more (BENCHMARKS.md, stop 16).
-/// The wait is shorter than the fsync every durable caller waits for
-/// anyway. A light load does not wait.
-fn gather(last_batch: usize) -> Option<Duration> {
-    (last_batch >= GATHER_JOBS).then_some(GATHER)
+/// A short wait under load: taken when the previous round (group commit
+/// or fsync) served at least `busy` callers, so that the next one serves
+/// more; a light load never waits.
+struct Pause {
+    busy: usize,
+    wait: Duration,
 }
-/// See [`gather`].
-const GATHER: Duration = Duration::from_micros(50);
-/// Closures in the previous group commit that make the load heavy enough
-/// to wait: at 1,000 msg/s a group commit runs one.
-const GATHER_JOBS: usize = 4;
 
-/// How long the syncer waits before an fsync, given how many callers the
-/// previous one answered: under load, long enough for the writer to
-/// append a few more group commits, so that one fsync covers them all.
-/// An fsync costs the machine more CPU than its wait suggests (the
-/// syscall, the journal commit, the thread and task wake-ups); on 2 cores
-/// with 128 producers, waiting 150 µs cut the sender's fsyncs from about
-/// 3,000 to 1,300-1,500 per 100k messages, CPU per message by about 5% and
-/// moved about 4% more messages per second, with send latency unchanged
-/// (BENCHMARKS.md, stop 16). A light load (the previous fsync answered a
-/// few callers) does not wait at all.
-fn linger(last_answered: usize) -> Option<Duration> {
-    (last_answered >= LINGER_CALLERS).then_some(LINGER)
+impl Pause {
+    /// The wait after a round that served `served` callers, if any.
+    fn after(&self, served: usize) -> Option<Duration> {
+        (served >= self.busy).then_some(self.wait)
+    }
+
+    /// Sleep for [`Pause::after`].
+    fn take(&self, served: usize) {
+        if let Some(d) = self.after(served) {
+            std::thread::sleep(d);
+        }
+    }
 }
-/// The wait before an fsync under load (see [`linger`]).
-const LINGER: Duration = Duration::from_micros(150);
-/// Callers answered by the previous fsync that make the load heavy enough
-/// to wait: at 1,000 msg/s an fsync answers one or two.
-const LINGER_CALLERS: usize = 8;
+
+/// How long the writer waits, once a closure has arrived, for more to join
+/// its group commit. Under load, callers arrive a few microseconds apart
+/// and a group commit of a handful costs nearly what one of fifty does
+/// (waking the thread, a snapshot, a `write` syscall, moving rows into the
+/// memtable, handing over to the syncer): with 128 producers on 2 cores,
+/// waiting 50 µs made the sender's group commits 2,700 instead of 18,000
+/// per 100k messages, took about 6% less CPU per message and moved about
+/// 4% more (BENCHMARKS.md, stop 16). The wait is shorter than the fsync
+/// every durable caller waits for anyway. At 1,000 msg/s a group commit
+/// runs one closure, and nothing waits.
+const GATHER: Pause = Pause {
+    busy: 4,
+    wait: Duration::from_micros(50),
+};
+
+/// How long the syncer waits before an fsync: under load, long enough for
+/// the writer to append a few more group commits, so that one fsync covers
+/// them all. An fsync costs the machine more CPU than its wait suggests
+/// (the syscall, the journal commit, the thread and task wake-ups); on 2
+/// cores with 128 producers, waiting 150 µs cut the sender's fsyncs from
+/// about 3,000 to 1,300-1,500 per 100k messages, CPU per message by about
+/// 5% and moved about 4% more messages per second, with send latency
+/// unchanged (BENCHMARKS.md, stop 16). At 1,000 msg/s an fsync answers one
+/// or two callers, and nothing waits.
+const LINGER: Pause = Pause {
+    busy: 8,
+    wait: Duration::from_micros(150),
+};
 
 /// Fsyncs the log for the writer and answers the callers it covers.
 struct Syncer {
@@ -498,9 +509,7 @@ impl Syncer {
         let mut last_answered = 0;
         while let Ok((mut files, first)) = rx.recv() {
             waiting.extend(first);
-            if let Some(d) = linger(last_answered) {
-                std::thread::sleep(d);
-            }
+            LINGER.take(last_answered);
             // Everything handed over so far was appended before it was
             // handed over, so one fsync (per file) from here covers all of it.
             while let Ok((more_files, more)) = rx.try_recv() {
@@ -543,19 +552,19 @@ mod tests {
 
     #[test]
     fn the_writer_waits_for_more_closures_only_under_load() {
-        assert_eq!(gather(0), None);
-        assert_eq!(gather(1), None);
-        assert_eq!(gather(GATHER_JOBS - 1), None);
-        assert_eq!(gather(GATHER_JOBS), Some(GATHER));
-        assert_eq!(gather(MAX_BATCH), Some(GATHER));
+        assert_eq!(GATHER.after(0), None);
+        assert_eq!(GATHER.after(1), None);
+        assert_eq!(GATHER.after(GATHER.busy - 1), None);
+        assert_eq!(GATHER.after(GATHER.busy), Some(GATHER.wait));
+        assert_eq!(GATHER.after(MAX_BATCH), Some(GATHER.wait));
     }
 
     #[test]
     fn the_syncer_waits_before_an_fsync_only_under_load() {
-        assert_eq!(linger(0), None);
-        assert_eq!(linger(LINGER_CALLERS - 1), None);
-        assert_eq!(linger(LINGER_CALLERS), Some(LINGER));
-        assert_eq!(linger(500), Some(LINGER));
+        assert_eq!(LINGER.after(0), None);
+        assert_eq!(LINGER.after(LINGER.busy - 1), None);
+        assert_eq!(LINGER.after(LINGER.busy), Some(LINGER.wait));
+        assert_eq!(LINGER.after(500), Some(LINGER.wait));
     }
 
     #[test]
