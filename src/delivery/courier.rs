@@ -564,14 +564,15 @@ async fn send_receipts(
     if receipts.is_empty() {
         return Ok(answered);
     }
+    let ids: Vec<String> = receipts.iter().map(|r| r.message_id.clone()).collect();
     if peer == d.inner.node_id {
-        d.apply_receipt_list(peer, receipts.clone())
+        d.apply_receipt_list(peer, receipts)
             .await
             .map_err(|e| e.to_string())?;
     } else {
         let payload = wire::encode(&ReceiptPayload {
             to_node: node.clone(),
-            receipts: receipts.clone(),
+            receipts,
         });
         let sig = d
             .inner
@@ -590,11 +591,10 @@ async fn send_receipts(
             other => return Err(format!("unexpected answer {other:?}")),
         }
     }
-    let ids: Vec<String> = receipts.iter().map(|r| r.message_id.clone()).collect();
-    answered.extend(ids.iter().cloned());
     // Lazy: lost in a crash, the receipts go again and the sender ignores
     // what it already has.
-    d.inner
+    let ids = d
+        .inner
         .store
         .write_lazy(move |txn| {
             let mut t = txn.open_table(RECEIPTS_OUT)?;
@@ -603,10 +603,11 @@ async fn send_receipts(
             for id in &ids {
                 t.discard((node.as_str(), id.as_str()))?;
             }
-            Ok(())
+            Ok(ids)
         })
         .await
         .map_err(|e| e.to_string())?;
+    answered.extend(ids);
     Ok(answered)
 }
 

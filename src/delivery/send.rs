@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use libp2p::PeerId;
+use libp2p::{Multiaddr, PeerId};
 
 use super::queue::{Cached, Item, Outbound};
 
@@ -125,8 +125,16 @@ impl Delivery {
         // Each outbound message with its encoded `OutHead`.
         let mut rows: Vec<(Outbound, Vec<u8>)> = Vec::with_capacity(n);
         let mut replies: Vec<(String, String)> = Vec::new();
-        let mut routes: Vec<Recipient> = Vec::with_capacity(n);
+        // Where each message goes: the recipient's node and its addresses.
+        let mut routes: Vec<(PeerId, Vec<Multiaddr>)> = Vec::with_capacity(n);
         for (i, r) in recipients.into_iter().enumerate() {
+            let Recipient {
+                agent_id,
+                handle,
+                node_id,
+                node_name,
+                addrs,
+            } = r;
             let last = i + 1 == n;
             let id = self.inner.ids.next(now);
             let env = Envelope {
@@ -134,7 +142,7 @@ impl Delivery {
                 id,
                 from: req.from.clone(),
                 from_handle: give(last, &mut from_handle).unwrap_or_default(),
-                to: r.agent_id.clone(),
+                to: agent_id,
                 subject: give(last, &mut req.subject),
                 body_json: if last {
                     std::mem::take(&mut req.body_json)
@@ -147,8 +155,8 @@ impl Delivery {
                 delegation_json: give(last, &mut req.delegation_json),
             };
             let head = OutHead {
-                to_handle: r.handle.clone(),
-                to_node: r.node_name.clone(),
+                to_handle: handle,
+                to_node: node_name,
             };
             let bytes = wire::encode(&env);
             // The row's value is written into the log record by the writer.
@@ -157,7 +165,7 @@ impl Delivery {
                 replies.push((orig.clone(), env.id.clone()));
             }
             rows.push((Outbound::from_parts(env, head, bytes), head_bytes));
-            routes.push(r);
+            routes.push((node_id, addrs));
         }
         let idem = idempotency_key.map(|k| {
             (
@@ -221,16 +229,16 @@ impl Delivery {
         Stats::add(&self.inner.stats.queued, rows.len());
         let mut items: Vec<(PeerId, Item)> = Vec::with_capacity(rows.len());
         let mut messages = Vec::with_capacity(rows.len());
-        for ((out, _), r) in rows.into_iter().zip(&routes) {
-            if r.node_id != self.inner.node_id {
-                self.teach_addresses(r).await;
+        for ((out, _), (node_id, addrs)) in rows.into_iter().zip(routes) {
+            if node_id != self.inner.node_id {
+                self.teach_addresses(node_id, addrs).await;
             }
             messages.push((out.id.clone(), out.summary.to.clone()));
             let (id, expires_at_ms) = (out.id.clone(), out.summary.expires_at_ms);
             let size = out.bytes.len() as u64;
             let env = Cached::try_new(Arc::new(out), &self.inner.cached_bytes, CACHED_BYTES_LIMIT);
             items.push((
-                r.node_id,
+                node_id,
                 Item {
                     id,
                     expires_at_ms,
@@ -251,22 +259,18 @@ impl Delivery {
 
     /// Tell the swarm where a recipient's node is, once per change of its
     /// advertised addresses (not once per message).
-    async fn teach_addresses(&self, r: &Recipient) {
-        if r.addrs.is_empty() {
+    async fn teach_addresses(&self, node: PeerId, addrs: Vec<Multiaddr>) {
+        if addrs.is_empty() {
             return;
         }
         {
             let mut known = self.inner.taught.lock().unwrap_or_else(|p| p.into_inner());
-            if known.get(&r.node_id) == Some(&r.addrs) {
+            if known.get(&node) == Some(&addrs) {
                 return;
             }
-            known.insert(r.node_id, r.addrs.clone());
+            known.insert(node, addrs.clone());
         }
-        let _ = self
-            .inner
-            .net
-            .add_addresses(r.node_id, r.addrs.clone())
-            .await;
+        let _ = self.inner.net.add_addresses(node, addrs).await;
     }
 
     fn idempotent_answer(
