@@ -27,8 +27,11 @@ const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 /// `mi_option_allow_thp` in the same enum.
 const MI_OPTION_ALLOW_THP: libmimalloc_sys::mi_option_t = 43;
 
-/// Two allocator settings, made first thing in `main`, before any other
-/// thread exists (mimalloc's option setters are not thread-safe).
+/// `1` keeps transparent huge pages, `0` turns them off (see [`keep_huge_pages`]).
+const HUGE_PAGES_ENV: &str = "AGENTMESH_HUGE_PAGES";
+
+/// Two allocator settings, made in `main` before any other thread exists
+/// (mimalloc's option setters are not thread-safe).
 ///
 /// Purge delay: mimalloc gives freed memory back to the OS one second
 /// after it is freed. A busy node frees a whole memtable at every
@@ -46,15 +49,37 @@ const MI_OPTION_ALLOW_THP: libmimalloc_sys::mi_option_t = 43;
 /// benchmark peaked at 105 MB instead of 52 MB. The process-wide switch
 /// (`prctl`) also covers the arena mimalloc reserved before `main`, which
 /// the option alone would not.
-fn tune_allocator() {
-    // SAFETY: plain option stores; no other thread runs yet.
-    unsafe {
-        libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 10_000);
-        libmimalloc_sys::mi_option_set(MI_OPTION_ALLOW_THP, 0);
+///
+/// A simulation keeps them (see [`keep_huge_pages`]).
+fn tune_allocator(keep_huge: bool) {
+    // SAFETY: a plain option store; no other thread runs yet.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 10_000) }
+    if keep_huge {
+        return;
     }
+    // SAFETY: as above.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_ALLOW_THP, 0) }
     if let Err(e) = disable_huge_pages() {
         // Only slower and larger, not wrong: say so and go on.
         eprintln!("agentmesh: warning: cannot turn off transparent huge pages: {e}");
+    }
+}
+
+/// Whether to keep transparent huge pages: `AGENTMESH_HUGE_PAGES` (`1`
+/// or `0`) decides; unset, only a simulation keeps them. Hundreds of nodes
+/// in one process hold gigabytes, and there huge pages' fewer TLB misses
+/// are worth their memory: `churn-300` (390 nodes) ran at message latency
+/// p50 2.7-3.0 s and peaked at 9.2-9.5 GB with them, at p50 5.8-5.9 s and
+/// 6.1-6.9 GB without (BENCHMARKS.md, stop 17). Another value is an
+/// error, named in the message.
+fn keep_huge_pages(setting: Option<&str>, simulation: bool) -> Result<bool, String> {
+    match setting {
+        None => Ok(simulation),
+        Some("1") => Ok(true),
+        Some("0") => Ok(false),
+        Some(other) => Err(format!(
+            "{HUGE_PAGES_ENV} must be 1 (keep transparent huge pages) or 0 (turn them off), not {other:?}"
+        )),
     }
 }
 
@@ -167,8 +192,19 @@ fn parse_multiaddr(s: &str) -> Result<Multiaddr, String> {
 }
 
 fn main() -> ExitCode {
-    tune_allocator();
     let cli = Cli::parse();
+    // Still before any other thread exists.
+    let setting = std::env::var(HUGE_PAGES_ENV).ok();
+    match keep_huge_pages(
+        setting.as_deref(),
+        matches!(cli.command, Command::Simulate(_)),
+    ) {
+        Ok(keep) => tune_allocator(keep),
+        Err(e) => {
+            eprintln!("agentmesh: error: {e}");
+            return ExitCode::from(2);
+        }
+    }
     // Benchmarks and simulations run many nodes: only warnings by default.
     // A simulation kills and partitions nodes on purpose, so the dial
     // failures and broken connections that follow are expected: those
@@ -408,6 +444,19 @@ mod tests {
             let got = unsafe { libmimalloc_sys::mi_option_get(MI_OPTION_ALLOW_THP) };
             assert_eq!(got, 1);
         }
+    }
+
+    #[test]
+    fn only_a_simulation_keeps_huge_pages_unless_the_environment_says() {
+        assert_eq!(keep_huge_pages(None, false), Ok(false));
+        assert_eq!(keep_huge_pages(None, true), Ok(true));
+        assert_eq!(keep_huge_pages(Some("1"), false), Ok(true));
+        assert_eq!(keep_huge_pages(Some("0"), true), Ok(false));
+        let e = keep_huge_pages(Some("yes"), false).unwrap_err();
+        assert!(
+            e.contains("AGENTMESH_HUGE_PAGES") && e.contains("\"yes\""),
+            "{e}"
+        );
     }
 
     #[cfg(target_os = "linux")]
