@@ -194,7 +194,8 @@ fn parse_multiaddr(s: &str) -> Result<Multiaddr, String> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // Still before any other thread exists.
-    let setting = std::env::var(HUGE_PAGES_ENV).ok();
+    // A value that is not UTF-8 is refused like any other wrong one.
+    let setting = std::env::var_os(HUGE_PAGES_ENV).map(|v| v.to_string_lossy().into_owned());
     match keep_huge_pages(
         setting.as_deref(),
         matches!(cli.command, Command::Simulate(_)),

@@ -187,6 +187,17 @@ fn snapshot(from: &Path) -> tempfile::TempDir {
     to
 }
 
+/// A durable write to the test table, which must succeed.
+async fn write_t<F>(store: &Store, f: F)
+where
+    F: for<'a> FnOnce(&mut Table<'a, u64, u64>) -> Result<(), Error> + Send + 'static,
+{
+    store
+        .write(move |txn| f(&mut txn.open_table(T)?))
+        .await
+        .unwrap();
+}
+
 fn rows(store: &Store) -> Vec<(u64, u64)> {
     let r = store.read().unwrap();
     let t = r.open_table(T).unwrap();
@@ -212,18 +223,15 @@ async fn acknowledged_writes_survive_a_crash_through_the_log() {
             .await
             .unwrap();
     }
-    store
-        .write(|txn| {
-            let mut t = txn.open_table(T)?;
-            for i in 0..10u64 {
-                t.remove(i)?;
-            }
-            // Replaced values are replayed as the last write.
-            t.insert(20, 999)?;
-            Ok(())
-        })
-        .await
-        .unwrap();
+    write_t(&store, |t| {
+        for i in 0..10u64 {
+            t.remove(i)?;
+        }
+        // Replaced values are replayed as the last write.
+        t.insert(20, 999)?;
+        Ok(())
+    })
+    .await;
     assert!(store.stats().wal_syncs.load(Ordering::Relaxed) > 0);
     let expected = rows(&store);
     assert_eq!(expected.len(), 40);
@@ -453,36 +461,30 @@ async fn force_checkpoints(store: &Store, n: u64) {
 async fn reads_merge_the_memtable_with_the_database_and_survive_a_crash() {
     let dir = tempfile::tempdir().unwrap();
     let (store, w) = Store::open(dir.path()).unwrap();
-    store
-        .write(|txn| {
-            let mut t = txn.open_table(T)?;
-            for i in 0..20u64 {
-                t.insert(i, i)?;
-            }
-            Ok(())
-        })
-        .await
-        .unwrap();
+    write_t(&store, |t| {
+        for i in 0..20u64 {
+            t.insert(i, i)?;
+        }
+        Ok(())
+    })
+    .await;
     force_checkpoints(&store, 1).await;
     // Rows 0..20 are in redb now; change some of them in the memtable.
-    store
-        .write(|txn| {
-            let mut t = txn.open_table(T)?;
-            for i in 0..5u64 {
-                t.remove(i)?;
-            }
-            t.insert(10, 100)?;
-            t.insert(50, 50)?;
-            // A row written and removed in the memtable alone.
-            t.insert_new(60, 60)?;
-            t.remove(60)?;
-            // The batch sees its own writes over the older layers.
-            assert!(t.get(3)?.is_none());
-            assert_eq!(t.get(10)?.map(|v| v.value()), Some(100));
-            Ok(())
-        })
-        .await
-        .unwrap();
+    write_t(&store, |t| {
+        for i in 0..5u64 {
+            t.remove(i)?;
+        }
+        t.insert(10, 100)?;
+        t.insert(50, 50)?;
+        // A row written and removed in the memtable alone.
+        t.insert_new(60, 60)?;
+        t.remove(60)?;
+        // The batch sees its own writes over the older layers.
+        assert!(t.get(3)?.is_none());
+        assert_eq!(t.get(10)?.map(|v| v.value()), Some(100));
+        Ok(())
+    })
+    .await;
     let mut expected: Vec<(u64, u64)> = (5..20).map(|i| (i, i)).collect();
     expected[5] = (10, 100);
     expected.push((50, 50));
@@ -633,30 +635,24 @@ async fn short_lived_rows_are_carried_past_a_checkpoint_once_and_survive_a_crash
 async fn discard_removes_a_stored_row_and_is_harmless_for_a_missing_one() {
     let dir = tempfile::tempdir().unwrap();
     let (store, writer) = Store::open(dir.path()).unwrap();
-    store
-        .write(|txn| {
-            let mut t = txn.open_table(T)?;
-            t.insert(1, 10)?;
-            t.insert(2, 20)?;
-            t.insert(3, 30)
-        })
-        .await
-        .unwrap();
+    write_t(&store, |t| {
+        t.insert(1, 10)?;
+        t.insert(2, 20)?;
+        t.insert(3, 30)
+    })
+    .await;
     // Closing checkpoints: rows 1 to 3 are in redb now.
     drop(store);
     writer.join();
     let (store, writer) = Store::open(dir.path()).unwrap();
-    store
-        .write(|txn| {
-            let mut t = txn.open_table(T)?;
-            t.insert_new(4, 40)?;
-            // From redb, from the memtable, and a key stored nowhere.
-            t.discard(1)?;
-            t.discard(4)?;
-            t.discard(99)
-        })
-        .await
-        .unwrap();
+    write_t(&store, |t| {
+        t.insert_new(4, 40)?;
+        // From redb, from the memtable, and a key stored nowhere.
+        t.discard(1)?;
+        t.discard(4)?;
+        t.discard(99)
+    })
+    .await;
     assert_eq!(rows(&store), vec![(2, 20), (3, 30)]);
     drop(store);
     writer.join();
