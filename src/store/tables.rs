@@ -108,7 +108,7 @@ pub(super) fn order(name: &str) -> Option<Cmp> {
 pub(super) fn flush(txn: &WriteTransaction, rows: &Rows) -> Result<(), Error> {
     macro_rules! find {
         ($($t:expr),*) => {
-            $( if &*rows.name == $t.name() { return super::tx::apply(txn, $t, rows); } )*
+            $( if &*rows.name == $t.name() { return super::tx::apply(txn, &$t, rows); } )*
         };
     }
     every_table!(find);

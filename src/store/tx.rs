@@ -19,7 +19,7 @@ use std::cell::RefCell;
 use std::ops::Deref;
 use std::sync::Arc;
 
-use redb::{Key, TableDefinition, Value, WriteTransaction};
+use redb::{Key, TableDefinition, TableHandle, TypeName, Value, WriteTransaction};
 
 use super::Error;
 use super::mem::{Carry, Mem, Rows, Slot};
@@ -248,12 +248,17 @@ pub(super) fn ops(payload: &[u8]) -> Result<Vec<Op<'_>>, String> {
 }
 
 /// Apply a memtable's rows of `def`'s table to redb.
+///
+/// The rows go in as the bytes the memtable holds, through [`Raw`]:
+/// decoding a tuple key only for redb to encode it again took a fifth of
+/// the flusher's time.
 pub(super) fn apply<K: Key + 'static, V: Value + 'static>(
     txn: &WriteTransaction,
-    def: TableDefinition<'static, K, V>,
+    def: &TableDefinition<'static, K, V>,
     rows: &Rows,
 ) -> Result<(), Error> {
-    let mut table = txn.open_table(def)?;
+    let raw: TableDefinition<'_, Raw<K>, Raw<V>> = TableDefinition::new(def.name());
+    let mut table = txn.open_table(raw)?;
     // redb's decoders may panic on bytes of the wrong shape; rows from a
     // record that passed its CRC should never have them, but a clear error
     // beats a panic.
@@ -264,8 +269,8 @@ pub(super) fn apply<K: Key + 'static, V: Value + 'static>(
                 (_, Carry::Out) => continue,
                 // Neither this row nor any older version reached redb.
                 (None, Carry::InFresh) => continue,
-                (Some(v), _) => table.insert(K::from_bytes(k), V::from_bytes(v))?,
-                (None, _) => table.remove(K::from_bytes(k))?,
+                (Some(v), _) => table.insert(k, &**v)?,
+                (None, _) => table.remove(k)?,
             };
         }
         Ok::<(), redb::StorageError>(())
@@ -279,5 +284,59 @@ pub(super) fn apply<K: Key + 'static, V: Value + 'static>(
                 rows.name
             ),
         }),
+    }
+}
+
+/// `T`'s encoding, as it is: the same type name, width and order as `T`,
+/// so redb takes it for a table of `T`, but nothing is decoded or encoded
+/// on the way in.
+#[derive(Debug)]
+pub(super) struct Raw<T>(std::marker::PhantomData<T>);
+
+impl<T: Value + 'static> Value for Raw<T> {
+    type SelfType<'a>
+        = &'a [u8]
+    where
+        Self: 'a;
+    type AsBytes<'a>
+        = &'a [u8]
+    where
+        Self: 'a;
+    const NICHE: Option<&'static [u8]> = T::NICHE;
+
+    fn fixed_width() -> Option<usize> {
+        T::fixed_width()
+    }
+
+    fn from_bytes<'a>(data: &'a [u8]) -> &'a [u8]
+    where
+        Self: 'a,
+    {
+        data
+    }
+
+    fn as_bytes<'a, 'b: 'a>(value: &'a &'b [u8]) -> &'a [u8]
+    where
+        Self: 'b,
+    {
+        value
+    }
+
+    fn type_name() -> TypeName {
+        T::type_name()
+    }
+}
+
+impl<T: Key + 'static> Key for Raw<T> {
+    fn compare(data1: &[u8], data2: &[u8]) -> std::cmp::Ordering {
+        T::compare(data1, data2)
+    }
+
+    fn separator<'a>(left: &'a [u8], right: &'a [u8]) -> std::borrow::Cow<'a, [u8]> {
+        T::separator(left, right)
+    }
+
+    fn min_encoded_key() -> Option<std::borrow::Cow<'static, [u8]>> {
+        T::min_encoded_key()
     }
 }
