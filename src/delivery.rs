@@ -38,6 +38,7 @@ mod courier;
 mod gc;
 pub mod ids;
 mod inbox;
+mod lease;
 pub mod queue;
 pub mod records;
 mod send;

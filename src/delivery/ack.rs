@@ -2,6 +2,7 @@
 //! acks, then a receipt per message queued back to its sender's node.
 
 use super::inbox::InboxTables;
+use super::lease;
 use super::records::InboxState;
 use super::{Delivery, Error, Stats};
 use crate::identity::AgentId;
@@ -39,12 +40,22 @@ impl Delivery {
         if acks.len() > MAX_ACKS {
             return Err(Error::Invalid(format!("at most {MAX_ACKS} acks at once")));
         }
+        // Leases not yet saved go with the ack (`delivery::lease`), but
+        // not those of the messages acked now: their end replaces them.
+        let (leases, ended) = {
+            let acked: Vec<&str> = acks.iter().map(|(id, _)| id.as_str()).collect();
+            self.inner.inboxes.take_for_ack(agent, &acked)
+        };
+        let saving = leases.clone();
         let a = agent.clone();
-        let (results, receipts) = self
+        let written = self
             .inner
             .store
             .write(move |txn| {
                 let mut t = InboxTables::open(txn)?;
+                for (_, l) in &saving {
+                    lease::write(&mut t.inbox, a.as_str(), l)?;
+                }
                 let mut results = Vec::with_capacity(acks.len());
                 let mut receipts = Vec::new();
                 for (id, result_json) in acks {
@@ -81,7 +92,14 @@ impl Delivery {
                 }
                 Ok((results, receipts))
             })
-            .await?;
+            .await;
+        let (results, receipts) = match written {
+            Ok(r) => r,
+            Err(e) => {
+                self.inner.inboxes.unsaved_again(agent, leases, ended);
+                return Err(e.into());
+            }
+        };
         let ids: Vec<String> = receipts.iter().map(|(_, id)| id.clone()).collect();
         self.forget_pending(agent, &ids);
         Stats::add(&self.inner.stats.acked, ids.len());

@@ -32,7 +32,7 @@ pub(crate) const QUEUE: usize = 8192;
 const BATCH: usize = MAX_BATCH_MESSAGES;
 /// Bytes per batch (well under the frame limit).
 const BATCH_BYTES: u64 = 4 * 1024 * 1024;
-/// Expiry sweep period.
+/// Sweep period: expiry, and saving leases (`delivery::lease`).
 const SWEEP: Duration = Duration::from_millis(500);
 /// Garbage-collection period.
 const GC_EVERY: Duration = Duration::from_secs(60);
@@ -176,7 +176,10 @@ pub(crate) async fn run(d: Delivery, mut rx: mpsc::Receiver<Cmd>, cancel: Cancel
                 Some(cmd) => handle(&d, &mut st, cmd),
             },
             _ = wake, if next.is_some() => {}
-            _ = sweep.tick() => expire(&d, &mut st).await,
+            _ = sweep.tick() => {
+                expire(&d, &mut st).await;
+                d.save_leases().await;
+            }
             _ = gc.tick() => {
                 let d = d.clone();
                 tokio::spawn(async move { d.gc().await }.in_current_span());

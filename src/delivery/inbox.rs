@@ -13,6 +13,7 @@ use libp2p::PeerId;
 use tokio::sync::Notify;
 use tracing::warn;
 
+use super::lease::{self, Lease};
 use super::queue::Item;
 use super::records::{self, InboxRecord, InboxState};
 use super::{Delivery, Error, MAX_POLL, MAX_WAIT_SECS, Stats, courier, ids, verify_node_sig};
@@ -35,18 +36,22 @@ pub struct InboxMessage {
 }
 
 #[derive(Debug, Clone, Copy)]
-struct Slot {
-    lease_until_ms: u64,
-    delivery_count: u32,
-    expires_at_ms: u64,
-    received_at_ms: u64,
+pub(super) struct Slot {
+    pub(super) lease_until_ms: u64,
+    pub(super) delivery_count: u32,
+    pub(super) expires_at_ms: u64,
+    pub(super) received_at_ms: u64,
+    /// The stored record has this lease and count (`delivery::lease`).
+    pub(super) saved: bool,
 }
 
 #[derive(Debug, Default)]
-struct AgentBox {
+pub(super) struct AgentBox {
     /// Pending entries by message id (ids sort by creation time, so each
     /// sender's order is kept).
-    pending: BTreeMap<String, Slot>,
+    pub(super) pending: BTreeMap<String, Slot>,
+    /// Ids leased since their lease was last saved.
+    pub(super) unsaved: lease::Unsaved,
     notify: Arc<Notify>,
 }
 
@@ -57,7 +62,7 @@ pub(crate) struct Inboxes {
 }
 
 impl Inboxes {
-    fn lock(&self) -> std::sync::MutexGuard<'_, IdMap<AgentBox>> {
+    pub(super) fn lock(&self) -> std::sync::MutexGuard<'_, IdMap<AgentBox>> {
         self.boxes.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -209,6 +214,7 @@ impl Delivery {
                     delivery_count: rec.delivery_count,
                     expires_at_ms: rec.expires_at_ms,
                     received_at_ms: rec.received_at_ms,
+                    saved: true,
                 },
             );
         }
@@ -437,6 +443,7 @@ impl Delivery {
                         delivery_count: 0,
                         expires_at_ms,
                         received_at_ms,
+                        saved: true,
                     },
                 );
                 wake.push(b.notify.clone());
@@ -460,7 +467,10 @@ impl Delivery {
         let Some(b) = boxes.get_mut(agent) else {
             return sel;
         };
-        for (id, slot) in b.pending.iter_mut() {
+        let AgentBox {
+            pending, unsaved, ..
+        } = b;
+        for (id, slot) in pending.iter_mut() {
             if sel.offer.len() >= max {
                 break;
             }
@@ -474,11 +484,15 @@ impl Delivery {
             } else {
                 slot.lease_until_ms = now + lease;
                 slot.delivery_count += 1;
+                if slot.saved {
+                    slot.saved = false;
+                    unsaved.insert(id.clone());
+                }
                 sel.offer.push((id.clone(), *slot));
             }
         }
         for id in sel.dead.iter().chain(&sel.expired) {
-            b.pending.remove(id);
+            pending.remove(id);
         }
         sel
     }
@@ -505,44 +519,16 @@ impl Delivery {
         if sel.offer.is_empty() && sel.dead.is_empty() && sel.expired.is_empty() {
             return Ok(Vec::new());
         }
-        let a = agent.clone();
-        let leases: Vec<(String, u32, u64)> = sel
+        if sel.dead.is_empty() && sel.expired.is_empty() {
+            // A plain lease stays in memory for now: the agent's ack, or
+            // the courier's sweep, saves it (`delivery::lease`).
+            return self.read_envelopes(agent, sel.offer);
+        }
+        let leases: Vec<Lease> = sel
             .offer
             .iter()
             .map(|(id, s)| (id.clone(), s.delivery_count, s.lease_until_ms))
             .collect();
-        let persist_leases = move |txn: &crate::store::Tx<'_>| -> Result<(), crate::store::Error> {
-            let mut inbox = txn.open_table(INBOX)?;
-            for (id, count, until) in &leases {
-                let Some(mut rec) = inbox
-                    .get((a.as_str(), id.as_str()))?
-                    .map(|v| records::decode::<InboxRecord>("inbox", v.value()))
-                    .transpose()?
-                else {
-                    continue;
-                };
-                if rec.state != InboxState::Pending {
-                    continue;
-                }
-                rec.delivery_count = *count;
-                rec.lease_until_ms = *until;
-                inbox.insert_with((a.as_str(), id.as_str()), |b| wire::encode_into(b, &rec))?;
-            }
-            Ok(())
-        };
-        if sel.dead.is_empty() && sel.expired.is_empty() {
-            // A plain lease is written lazily and not waited for: the agent
-            // gets its messages without a trip through the writer. Writes
-            // apply in order, so the agent's ack (durable) persists the
-            // lease too; a crash before any durable commit loses it, and the
-            // message is offered again without this offer counted, which is
-            // what an unacked message gets anyway.
-            if let Err(e) = self.inner.store.write_detached(persist_leases).await {
-                self.unselect(agent, &sel.offer);
-                return Err(e.into());
-            }
-            return self.read_envelopes(agent, sel.offer);
-        }
         // Dead letters and expiries queue receipts, and those must not
         // outrun the state they report: durable, and waited for.
         let a = agent.clone();
@@ -551,8 +537,8 @@ impl Delivery {
             .inner
             .store
             .write(move |txn| {
-                persist_leases(txn)?;
                 let mut t = InboxTables::open(txn)?;
+                lease::write(&mut t.inbox, a.as_str(), &leases)?;
                 let mut queued = Vec::new();
                 for (ids, final_state) in [
                     (&dead, InboxState::DeadLetter),
