@@ -497,7 +497,8 @@ async fn apply_outcomes(
             let mut msgs = txn.open_table(OUT_MESSAGES)?;
             let now = now_ms();
             for (out, outcome) in outs.iter().zip(outcomes) {
-                let mut p = Progress::load(&status, &out.id, out.summary.created_at_ms)?;
+                let mut p =
+                    Progress::load_since(&status, &out.id, out.summary.created_at_ms, out.since)?;
                 if p.status.is_final() {
                     continue;
                 }

@@ -44,6 +44,10 @@ pub struct Outbound {
     pub body_len: usize,
     /// The wire encoding of the envelope.
     pub bytes: Vec<u8>,
+    /// The store's memtable when `send` wrote it (`Tx::generation`): no
+    /// `OUT_STATUS` row of it can be older. `None` when read back from
+    /// disk.
+    pub since: Option<u64>,
 }
 
 impl Outbound {
@@ -54,6 +58,7 @@ impl Outbound {
             summary: Summary::of(env, head),
             body_len: env.body_json.len(),
             bytes,
+            since: None,
         }
     }
 
@@ -76,6 +81,7 @@ impl Outbound {
             },
             id: env.id,
             bytes,
+            since: None,
         }
     }
 }

@@ -260,7 +260,20 @@ impl Progress {
         id: &str,
         created_at_ms: u64,
     ) -> Result<Self, store::Error> {
-        match table.get(id)? {
+        Progress::load_since(table, id, created_at_ms, None)
+    }
+
+    /// [`Progress::load`] of a message whose `OUT_STATUS` row, if any, was
+    /// written into memtable `since` or a newer one
+    /// (`store::View::get_written_since`): a message still in flight has
+    /// none, and searching redb for it was a B-tree lookup per message.
+    pub fn load_since(
+        table: &store::View<'_, &'static str, &'static [u8]>,
+        id: &str,
+        created_at_ms: u64,
+        since: Option<u64>,
+    ) -> Result<Self, store::Error> {
+        match table.get_written_since(id, since)? {
             Some(v) => Progress::decode(v.value()),
             None => Ok(Progress::queued(created_at_ms)),
         }

@@ -202,10 +202,12 @@ impl Delivery {
                 // No `OUT_STATUS` row yet: a message without one is queued.
                 // The ids are new, so the rows are too.
                 let mut msgs = txn.open_table(OUT_MESSAGES)?;
-                for (out, head) in &rows {
+                let since = Some(txn.generation());
+                for (out, head) in &mut rows {
                     msgs.insert_new_with(out.id.as_str(), |b| {
                         records::write_outgoing(b, head, &out.bytes)
                     })?;
+                    out.since = since;
                 }
                 if !replies.is_empty() {
                     let mut t = txn.open_table(REPLIES)?;

@@ -285,9 +285,20 @@ pub(super) struct Layers {
     pub active: Arc<RwLock<Mem>>,
     /// Being flushed to redb; never written again.
     pub frozen: Option<Arc<RwLock<Mem>>>,
+    /// The active memtable's number: 0 when the store opened, one more at
+    /// every freeze (the frozen one's is one less).
+    pub generation: u64,
 }
 
 impl Layers {
+    /// The number of the oldest memtable here. Every row written into a
+    /// memtable numbered at least this is in these layers, not only in
+    /// redb.
+    pub fn oldest(&self) -> u64 {
+        self.generation
+            .saturating_sub(u64::from(self.frozen.is_some()))
+    }
+
     fn each(&self) -> impl Iterator<Item = &Arc<RwLock<Mem>>> {
         std::iter::once(&self.active).chain(self.frozen.as_ref())
     }
@@ -464,6 +475,7 @@ mod tests {
         let layers = Layers {
             active: Arc::new(RwLock::new(next)),
             frozen: Some(frozen),
+            generation: 1,
         };
         assert!(layers.get("q", b"a").unwrap().value.is_none());
         assert!(layers.get("q", b"b").unwrap().value.is_some());

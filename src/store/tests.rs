@@ -659,3 +659,31 @@ async fn discard_removes_a_stored_row_and_is_harmless_for_a_missing_one() {
     let (store, _w) = Store::open(dir.path()).unwrap();
     assert_eq!(rows(&store), vec![(2, 20), (3, 30)]);
 }
+
+#[tokio::test]
+async fn a_read_since_a_memtable_searches_redb_only_once_that_memtable_is_gone() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _w) = Store::open(dir.path()).unwrap();
+    let first = store.write(|txn| Ok(txn.generation())).await.unwrap();
+    write_t(&store, |t| t.insert(1, 10)).await;
+    let get = |key: u64, since: Option<u64>| {
+        let r = store.read().unwrap();
+        let t = r.open_table(T).unwrap();
+        t.get_written_since(key, since).unwrap().map(|v| v.value())
+    };
+    // In the memtable: found whatever `since` says.
+    assert_eq!(get(1, Some(first)), Some(10));
+    force_checkpoints(&store, 1).await;
+    let now = store.read().unwrap().generation();
+    assert!(now > first, "a checkpoint starts a new memtable");
+    // Only in redb now. Written into memtable `first`, which the snapshot
+    // no longer holds: redb is searched.
+    assert_eq!(get(1, Some(first)), Some(10));
+    assert_eq!(get(1, None), Some(10));
+    // Claimed to be written into a memtable the snapshot holds (not true
+    // of this key): redb is not searched, so it is not found.
+    assert_eq!(get(1, Some(now)), None);
+    // A key written since `now` is found in memory.
+    write_t(&store, |t| t.insert(2, 20)).await;
+    assert_eq!(get(2, Some(now)), Some(20));
+}

@@ -40,6 +40,12 @@ impl<'a> Tx<'a> {
         Tx { read, batch, log }
     }
 
+    /// The memtable this transaction's writes go into (see
+    /// [`View::get_written_since`]).
+    pub fn generation(&self) -> u64 {
+        self.read.generation()
+    }
+
     /// Open a table for reading and writing in this transaction.
     pub fn open_table<K: Key + Send + Sync + 'static, V: Value + Send + Sync + 'static>(
         &self,

@@ -65,6 +65,12 @@ impl Read {
         Ok(table)
     }
 
+    /// The number of the memtable writes go into as of this snapshot;
+    /// see [`View::get_written_since`].
+    pub fn generation(&self) -> u64 {
+        self.layers.generation
+    }
+
     /// Open a table for reading.
     pub fn open_table<K: Key + Send + Sync + 'static, V: Value + Send + Sync + 'static>(
         &self,
@@ -137,8 +143,25 @@ impl<'a, K: Key + 'static, V: Value + 'static> View<'a, K, V> {
 
     /// The value stored under `key`.
     pub fn get<'k>(&self, key: impl Borrow<K::SelfType<'k>>) -> Result<Option<Got<V>>, Error> {
-        if let Some(slot) = self.in_memory(K::as_bytes(key.borrow()).as_ref()) {
+        self.get_written_since(key, None)
+    }
+
+    /// [`View::get`] for a key that nothing wrote before memtable
+    /// `since` ([`Read::generation`] at or before its first write; `None`:
+    /// not known): once every memtable from that one on is in this
+    /// snapshot, a key none of them holds is not stored, and redb is not
+    /// searched.
+    pub fn get_written_since<'k>(
+        &self,
+        key: impl Borrow<K::SelfType<'k>>,
+        since: Option<u64>,
+    ) -> Result<Option<Got<V>>, Error> {
+        let key = key.borrow();
+        if let Some(slot) = self.in_memory(K::as_bytes(key).as_ref()) {
             return Ok(slot.value.map(Got::Mem));
+        }
+        if since.is_some_and(|g| self.layers.oldest() <= g) {
+            return Ok(None);
         }
         match &self.db {
             Some(t) => Ok(t.get(key)?.map(Got::Db)),

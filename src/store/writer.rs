@@ -414,6 +414,7 @@ impl Writer {
             let mut layers = self.shared.layers_mut();
             let old = std::mem::replace(&mut layers.active, fresh.clone());
             layers.frozen = Some(old.clone());
+            layers.generation += 1;
             old
         };
         self.active = fresh;
