@@ -527,8 +527,7 @@ async fn apply_outcomes(
                     }
                 };
                 // Delivered or final: the envelope is no longer needed.
-                records::hand_over(&mut msgs, &out.id, &mut p, Some(&out.summary))?;
-                status.insert_with(out.id.as_str(), |b| wire::encode_into(b, &p))?;
+                records::hand_over_and_write(&mut status, &mut msgs, &out.id, &p, &out.summary)?;
             }
             // Back to this side to be freed where they were allocated (a
             // cross-thread free per string otherwise).

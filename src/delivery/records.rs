@@ -379,6 +379,46 @@ pub fn hand_over(
     msgs.discard(id)
 }
 
+/// A [`Progress`] serialized with a borrowed summary: the same bytes,
+/// without cloning the summary's strings into it first.
+#[derive(Serialize)]
+struct ProgressRef<'a> {
+    status: Status,
+    attempts: u32,
+    updated_at_ms: u64,
+    history: &'a [HistoryEntry],
+    last_error: &'a Option<String>,
+    result_json: &'a Option<String>,
+    summary: Option<&'a Summary>,
+}
+
+/// [`hand_over`] with the summary the caller holds (its queue item, read
+/// from the row), and write `p` to `OUT_STATUS` in the same go: the
+/// summary is encoded from where it is, not cloned into `p`.
+pub fn hand_over_and_write(
+    status: &mut store::Table<'_, &'static str, &'static [u8]>,
+    msgs: &mut store::Table<'_, &'static str, &'static [u8]>,
+    id: &str,
+    p: &Progress,
+    known: &Summary,
+) -> Result<(), store::Error> {
+    if p.summary.is_some() {
+        // Handed over before.
+        return status.insert_with(id, |b| wire::encode_into(b, p));
+    }
+    let r = ProgressRef {
+        status: p.status,
+        attempts: p.attempts,
+        updated_at_ms: p.updated_at_ms,
+        history: &p.history,
+        last_error: &p.last_error,
+        result_json: &p.result_json,
+        summary: Some(known),
+    };
+    status.insert_with(id, |b| wire::encode_into(b, &r))?;
+    msgs.discard(id)
+}
+
 /// State of an inbox entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum InboxState {
@@ -569,6 +609,48 @@ mod tests {
                 .unwrap()
                 .is_none()
         );
+    }
+
+    #[tokio::test]
+    async fn handing_over_a_known_summary_writes_what_a_cloned_one_would() {
+        use crate::store::{Store, tables::OUT_MESSAGES, tables::OUT_STATUS};
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _w) = Store::open(dir.path()).unwrap();
+        let env = envelope();
+        let known = Summary::of(&env, &head());
+        let rec = encode_outgoing(&head(), &wire::encode(&env));
+        store
+            .write(move |txn| {
+                txn.open_table(OUT_MESSAGES)?
+                    .insert_new("m1", rec.as_slice())
+            })
+            .await
+            .unwrap();
+        let mut p = Progress::queued(1);
+        p.advance(Status::Delivered, 2, Some("why".into()));
+        p.result_json = Some("{}".into());
+        let (written, summary) = (p.clone(), known.clone());
+        store
+            .write(move |txn| {
+                let mut status = txn.open_table(OUT_STATUS)?;
+                let mut msgs = txn.open_table(OUT_MESSAGES)?;
+                hand_over_and_write(&mut status, &mut msgs, "m1", &written, &summary)
+            })
+            .await
+            .unwrap();
+        let r = store.read().unwrap();
+        assert!(
+            r.open_table(OUT_MESSAGES)
+                .unwrap()
+                .get("m1")
+                .unwrap()
+                .is_none()
+        );
+        let t = r.open_table(OUT_STATUS).unwrap();
+        let stored = t.get("m1").unwrap().unwrap();
+        p.summary = Some(known);
+        assert_eq!(stored.value(), wire::encode(&p).as_slice());
+        assert_eq!(Progress::decode(stored.value()).unwrap(), p);
     }
 
     #[test]
