@@ -186,8 +186,11 @@ impl Summary {
 /// How far a sent message got (`OUT_STATUS`). A message without one is
 /// queued: `send` writes none, so the hot path commits one record less per
 /// message; the first step past `queued` writes it.
+///
+/// Generic over the summary only so that a stored record can be read with
+/// its summary borrowed ([`SummaryRef`]) and written back unchanged.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Progress {
+pub struct Progress<S = Summary> {
     /// Current status.
     pub status: Status,
     /// Send attempts so far.
@@ -201,7 +204,46 @@ pub struct Progress {
     /// The recipient's `result`, as JSON text.
     pub result_json: Option<String>,
     /// Set when the message leaves `OUT_MESSAGES` (see [`Summary`]).
-    pub summary: Option<Summary>,
+    pub summary: Option<S>,
+}
+
+/// A [`Summary`] borrowed from a stored `Progress` (encoded the same way:
+/// an agent id is its string).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct SummaryRef<'a> {
+    /// Sending agent.
+    pub from: &'a str,
+    /// Its handle.
+    pub from_handle: &'a str,
+    /// Recipient agent.
+    pub to: &'a str,
+    /// Its handle when sent.
+    pub to_handle: &'a str,
+    /// Its node.
+    pub to_node: &'a str,
+    /// Subject line.
+    #[serde(borrow, default)]
+    pub subject: Option<&'a str>,
+    /// The message this one answers.
+    #[serde(borrow, default)]
+    pub reply_to: Option<&'a str>,
+    /// Trace id.
+    pub trace_id: &'a str,
+    /// Created, ms.
+    pub created_at_ms: u64,
+    /// Expiry, ms.
+    pub expires_at_ms: u64,
+}
+
+impl<'a> Progress<SummaryRef<'a>> {
+    /// A stored `Progress` in this schema's layout that holds a summary,
+    /// decoded with the summary's strings borrowed from `bytes` (`None`
+    /// for any other record: decode it with [`Progress::decode`]).
+    pub fn borrowed(bytes: &'a [u8]) -> Option<Self> {
+        wire::decode_borrowed::<Self>(bytes, wire::MAX_FRAME_BYTES)
+            .ok()
+            .filter(|p| p.summary.is_some())
+    }
 }
 
 /// `Progress` as schema 2 stored it (no summary); still read, since such
@@ -278,7 +320,9 @@ impl Progress {
             None => Ok(Progress::queued(created_at_ms)),
         }
     }
+}
 
+impl<S> Progress<S> {
     /// Move to `status`; returns false (and changes nothing) when the move
     /// is not forward: final states stay final, and a late "delivered"
     /// never overwrites "processed".
@@ -651,6 +695,25 @@ mod tests {
         p.summary = Some(known);
         assert_eq!(stored.value(), wire::encode(&p).as_slice());
         assert_eq!(Progress::decode(stored.value()).unwrap(), p);
+    }
+
+    #[test]
+    fn a_progress_read_with_its_summary_borrowed_writes_back_the_same_bytes() {
+        let mut p = Progress::queued(1);
+        p.advance(Status::Delivered, 2, Some("why".into()));
+        p.summary = Some(summary());
+        let stored = wire::encode(&p);
+        let mut b = Progress::borrowed(&stored).unwrap();
+        assert_eq!(wire::encode(&b), stored);
+        assert_eq!(b.summary.as_ref().unwrap().to_node, "node");
+        // Advanced the same way, both write the same record.
+        b.advance(Status::Processed, 3, None);
+        p.advance(Status::Processed, 3, None);
+        assert_eq!(wire::encode(&b), wire::encode(&p));
+        // Without a summary (not handed over yet) it is not read this way.
+        p.summary = None;
+        assert!(Progress::borrowed(&wire::encode(&p)).is_none());
+        assert!(Progress::borrowed(b"garbage").is_none());
     }
 
     #[test]

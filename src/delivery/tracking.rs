@@ -109,8 +109,28 @@ impl Delivery {
                 let mut applied = 0usize;
                 for rc in receipts {
                     let id = rc.message_id.as_str();
-                    let created = ids::time_of(id).unwrap_or(0);
-                    let mut p = Progress::load(&status, id, created)?;
+                    let at = rc.at_ms.min(now_ms());
+                    let got = status.get(id)?;
+                    // The common case, a message delivered before: its
+                    // summary is read in place and written back as it is.
+                    if let Some(mut p) = got.as_ref().and_then(|v| Progress::borrowed(v.value())) {
+                        let to_node = p.summary.as_ref().map(|s| s.to_node);
+                        if to_node != Some(node.as_str()) {
+                            debug!(%id, from = %node, "receipt from a node the message was not sent to; ignored");
+                            continue;
+                        }
+                        if apply_kind(&mut p, rc.kind, at) {
+                            ensure_delivered_step(&mut p.history);
+                            status.insert_with(id, |b| wire::encode_into(b, &p))?;
+                            applied += 1;
+                        }
+                        continue;
+                    }
+                    let mut p = match &got {
+                        Some(v) => Progress::decode(v.value())?,
+                        None => Progress::queued(ids::time_of(id).unwrap_or(0)),
+                    };
+                    drop(got);
                     let to_node = match &p.summary {
                         Some(s) => s.to_node.clone(),
                         None => match msgs.get(id)? {
@@ -122,25 +142,7 @@ impl Delivery {
                         debug!(%id, from = %node, "receipt from a node the message was not sent to; ignored");
                         continue;
                     }
-                    let at = rc.at_ms.min(now_ms());
-                    let changed = match rc.kind {
-                        ReceiptKind::Processed { result_json } => {
-                            let moved = p.advance(Status::Processed, at, None);
-                            if moved {
-                                p.result_json = result_json;
-                            }
-                            moved
-                        }
-                        ReceiptKind::DeadLetter { deliveries } => p.advance(
-                            Status::DeadLetter,
-                            at,
-                            Some(format!("offered {deliveries} times without an ack")),
-                        ),
-                        ReceiptKind::Expired => {
-                            p.advance(Status::Expired, at, Some("expired in the recipient's inbox".into()))
-                        }
-                    };
-                    if changed {
+                    if apply_kind(&mut p, rc.kind, at) {
                         ensure_delivered_step(&mut p.history);
                         // Every receipt is final: the envelope goes.
                         records::hand_over(&mut msgs, id, &mut p, None)?;
@@ -153,6 +155,29 @@ impl Delivery {
             .await?;
         Stats::add(&self.inner.stats.receipts_applied, applied);
         Ok(())
+    }
+}
+
+/// Apply a receipt's outcome to `p`; whether it moved.
+fn apply_kind<S>(p: &mut Progress<S>, kind: ReceiptKind, at: u64) -> bool {
+    match kind {
+        ReceiptKind::Processed { result_json } => {
+            let moved = p.advance(Status::Processed, at, None);
+            if moved {
+                p.result_json = result_json;
+            }
+            moved
+        }
+        ReceiptKind::DeadLetter { deliveries } => p.advance(
+            Status::DeadLetter,
+            at,
+            Some(format!("offered {deliveries} times without an ack")),
+        ),
+        ReceiptKind::Expired => p.advance(
+            Status::Expired,
+            at,
+            Some("expired in the recipient's inbox".into()),
+        ),
     }
 }
 

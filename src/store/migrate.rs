@@ -52,7 +52,7 @@ pub(super) fn v1_to_v2(txn: &WriteTransaction) -> Result<usize, Error> {
                 id.as_str(),
                 records::encode_outgoing(&head, &envelope).as_slice(),
             )?;
-            let progress = Progress {
+            let progress: Progress = Progress {
                 status: t.status,
                 attempts: t.attempts,
                 updated_at_ms: t.updated_at_ms,
