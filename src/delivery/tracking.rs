@@ -39,11 +39,30 @@ impl Delivery {
             // Not handed over yet: the envelope row has it.
             None => {
                 let msgs = r.open_table(OUT_MESSAGES)?;
-                let Some(stored) = msgs.get(id).map_err(e)? else {
-                    return Err(Error::UnknownMessage(id.to_string()));
-                };
-                let (head, envelope) = records::decode_outgoing(stored.value())?;
-                Summary::of(&envelope, &head)
+                match msgs.get(id).map_err(e)? {
+                    Some(stored) => {
+                        let (head, envelope) = records::decode_outgoing(stored.value())?;
+                        Summary::of(&envelope, &head)
+                    }
+                    // Handed over between the two reads (a snapshot sees
+                    // commits made after it was taken): the status row,
+                    // written in the same commit that removed the
+                    // envelope, holds the summary now.
+                    None => {
+                        let mut again = status
+                            .get(id)
+                            .map_err(e)?
+                            .map(|v| Progress::decode(v.value()))
+                            .transpose()?;
+                        match again.as_mut().and_then(|p| p.summary.take()) {
+                            Some(s) => {
+                                progress = again;
+                                s
+                            }
+                            None => return Err(Error::UnknownMessage(id.to_string())),
+                        }
+                    }
+                }
             }
         };
         let tracking = Tracking::from_parts(&summary, progress);
