@@ -27,44 +27,10 @@ impl Delivery {
     /// Status and history of a message sent from this node.
     pub fn message(&self, id: &str) -> Result<MessageView, Error> {
         let r = self.inner.store.read()?;
-        let e = Error::Store;
         let status = r.open_table(OUT_STATUS)?;
-        let mut progress = status
-            .get(id)
-            .map_err(e)?
-            .map(|v| Progress::decode(v.value()))
-            .transpose()?;
-        let summary = match progress.as_mut().and_then(|p| p.summary.take()) {
-            Some(s) => s,
-            // Not handed over yet: the envelope row has it.
-            None => {
-                let msgs = r.open_table(OUT_MESSAGES)?;
-                match msgs.get(id).map_err(e)? {
-                    Some(stored) => {
-                        let (head, envelope) = records::decode_outgoing(stored.value())?;
-                        Summary::of(&envelope, &head)
-                    }
-                    // Handed over between the two reads (a snapshot sees
-                    // commits made after it was taken): the status row,
-                    // written in the same commit that removed the
-                    // envelope, holds the summary now.
-                    None => {
-                        let mut again = status
-                            .get(id)
-                            .map_err(e)?
-                            .map(|v| Progress::decode(v.value()))
-                            .transpose()?;
-                        match again.as_mut().and_then(|p| p.summary.take()) {
-                            Some(s) => {
-                                progress = again;
-                                s
-                            }
-                            None => return Err(Error::UnknownMessage(id.to_string())),
-                        }
-                    }
-                }
-            }
-        };
+        let progress = read_progress(&status, id)?;
+        let msgs = r.open_table(OUT_MESSAGES)?;
+        let (summary, progress) = summary_of(&status, &msgs, id, progress)?;
         let tracking = Tracking::from_parts(&summary, progress);
         Ok(MessageView {
             id: id.to_string(),
@@ -177,6 +143,43 @@ impl Delivery {
     }
 }
 
+type Table<'a> = crate::store::View<'a, &'static str, &'static [u8]>;
+
+/// Message `id`'s stored progress, if it has any.
+fn read_progress(status: &Table<'_>, id: &str) -> Result<Option<Progress>, Error> {
+    Ok(status
+        .get(id)
+        .map_err(Error::Store)?
+        .map(|v| Progress::decode(v.value()))
+        .transpose()?)
+}
+
+/// Message `id`'s summary, and its progress, given the `progress` read
+/// from `status` first: the progress holds the summary once the message
+/// is handed over, its envelope row before that.
+fn summary_of(
+    status: &Table<'_>,
+    msgs: &Table<'_>,
+    id: &str,
+    mut progress: Option<Progress>,
+) -> Result<(Summary, Option<Progress>), Error> {
+    if let Some(s) = progress.as_mut().and_then(|p| p.summary.take()) {
+        return Ok((s, progress));
+    }
+    if let Some(stored) = msgs.get(id).map_err(Error::Store)? {
+        let (head, envelope) = records::decode_outgoing(stored.value())?;
+        return Ok((Summary::of(&envelope, &head), progress));
+    }
+    // Handed over between the two reads (a snapshot sees commits made
+    // after it was taken): the status row, written in the same commit
+    // that removed the envelope, holds the summary now.
+    let mut again = read_progress(status, id)?;
+    match again.as_mut().and_then(|p| p.summary.take()) {
+        Some(s) => Ok((s, again)),
+        None => Err(Error::UnknownMessage(id.to_string())),
+    }
+}
+
 /// Apply a receipt's outcome to `p`; whether it moved.
 fn apply_kind<S>(p: &mut Progress<S>, kind: ReceiptKind, at: u64) -> bool {
     match kind {
@@ -216,5 +219,77 @@ fn ensure_delivered_step(history: &mut Vec<HistoryEntry>) {
                 detail: None,
             },
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::delivery::records::{OutHead, encode_outgoing};
+    use crate::identity::AgentId;
+    use crate::store::Store;
+    use crate::wire::Envelope;
+
+    #[tokio::test]
+    async fn a_message_handed_over_between_the_two_reads_is_still_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _w) = Store::open(dir.path()).unwrap();
+        let env = Envelope {
+            id: "m1".into(),
+            from: AgentId::from_public(&[1; 32]),
+            from_handle: "alice".into(),
+            to: AgentId::from_public(&[2; 32]),
+            subject: None,
+            body_json: "{}".into(),
+            reply_to: None,
+            created_at_ms: 1,
+            expires_at_ms: u64::MAX,
+            trace_id: "t".into(),
+            delegation_json: None,
+        };
+        let head = OutHead {
+            to_handle: "bob".into(),
+            to_node: "node".into(),
+        };
+        let summary = Summary::of(&env, &head);
+        let row = encode_outgoing(&head, &wire::encode(&env));
+        store
+            .write(move |txn| {
+                txn.open_table(OUT_MESSAGES)?
+                    .insert_new("m1", row.as_slice())
+            })
+            .await
+            .unwrap();
+        // Queued: a status query reads no progress...
+        let r = store.read().unwrap();
+        let status = r.open_table(OUT_STATUS).unwrap();
+        let first = read_progress(&status, "m1").unwrap();
+        assert!(first.is_none());
+        // ... and before it reads the envelope row, the message is
+        // handed over (status row written, envelope row removed).
+        let known = summary.clone();
+        store
+            .write(move |txn| {
+                let mut status = txn.open_table(OUT_STATUS)?;
+                let mut msgs = txn.open_table(OUT_MESSAGES)?;
+                let mut p = Progress::queued(1);
+                p.advance(Status::Delivered, 2, None);
+                records::hand_over_and_write(&mut status, &mut msgs, "m1", &p, &known)
+            })
+            .await
+            .unwrap();
+        let msgs = r.open_table(OUT_MESSAGES).unwrap();
+        assert!(
+            msgs.get("m1").unwrap().is_none(),
+            "the snapshot sees the hand-over"
+        );
+        let (got, progress) = summary_of(&status, &msgs, "m1", first).unwrap();
+        assert_eq!(got, summary);
+        assert_eq!(progress.unwrap().status, Status::Delivered);
+        // A message neither row holds is unknown.
+        assert!(matches!(
+            summary_of(&status, &msgs, "m2", None),
+            Err(Error::UnknownMessage(_))
+        ));
     }
 }
