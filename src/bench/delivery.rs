@@ -127,17 +127,7 @@ impl Pair {
     }
 
     fn request(&self, body: &str) -> SendRequest {
-        SendRequest {
-            from: self.alice.clone(),
-            to: Address::Agent(self.bob.clone()),
-            body_json: body.to_string(),
-            subject: None,
-            reply_to: None,
-            ttl: None,
-            idempotency_key: None,
-            delegation_json: None,
-            trace_id: None,
-        }
+        SendRequest::new(self.alice.clone(), Address::Agent(self.bob.clone()), body)
     }
 }
 

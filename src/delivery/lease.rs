@@ -246,17 +246,7 @@ mod tests {
             .agent_id;
         let sent = h
             .delivery()
-            .send(SendRequest {
-                from: alice,
-                to: Address::Agent(bob.clone()),
-                body_json: "1".into(),
-                subject: None,
-                reply_to: None,
-                ttl: None,
-                idempotency_key: None,
-                delegation_json: None,
-                trace_id: None,
-            })
+            .send(SendRequest::new(alice, Address::Agent(bob.clone()), "1"))
             .await
             .unwrap();
         let id = sent.messages[0].0.clone();

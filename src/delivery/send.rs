@@ -47,6 +47,24 @@ pub struct SendRequest {
     pub trace_id: Option<String>,
 }
 
+impl SendRequest {
+    /// A message from `from` to `to` with `body_json`, every option at
+    /// its default.
+    pub fn new(from: AgentId, to: Address, body_json: impl Into<String>) -> Self {
+        SendRequest {
+            from,
+            to,
+            body_json: body_json.into(),
+            subject: None,
+            reply_to: None,
+            ttl: None,
+            idempotency_key: None,
+            delegation_json: None,
+            trace_id: None,
+        }
+    }
+}
+
 /// What was queued.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Sent {

@@ -99,13 +99,8 @@ impl Delivery {
                     // The common case, a message delivered before: its
                     // summary is read in place and written back as it is.
                     if let Some(mut p) = got.as_ref().and_then(|v| Progress::borrowed(v.value())) {
-                        let to_node = p.summary.as_ref().map(|s| s.to_node);
-                        if to_node != Some(node.as_str()) {
-                            debug!(%id, from = %node, "receipt from a node the message was not sent to; ignored");
-                            continue;
-                        }
-                        if apply_kind(&mut p, rc.kind, at) {
-                            ensure_delivered_step(&mut p.history);
+                        let to_node = p.summary.as_ref().map_or("", |s| s.to_node);
+                        if issued_by(id, to_node, &node) && apply_kind(&mut p, rc.kind, at) {
                             status.insert_with(id, |b| wire::encode_into(b, &p))?;
                             applied += 1;
                         }
@@ -123,12 +118,7 @@ impl Delivery {
                             None => continue,
                         },
                     };
-                    if to_node != node {
-                        debug!(%id, from = %node, "receipt from a node the message was not sent to; ignored");
-                        continue;
-                    }
-                    if apply_kind(&mut p, rc.kind, at) {
-                        ensure_delivered_step(&mut p.history);
+                    if issued_by(id, &to_node, &node) && apply_kind(&mut p, rc.kind, at) {
                         // Every receipt is final: the envelope goes.
                         records::hand_over(&mut msgs, id, &mut p, None)?;
                         status.insert_with(id, |b| wire::encode_into(b, &p))?;
@@ -180,9 +170,19 @@ fn summary_of(
     }
 }
 
-/// Apply a receipt's outcome to `p`; whether it moved.
+/// Whether a receipt for message `id`, sent to node `to_node`, came from
+/// that node (`from`); one from any other node is ignored.
+fn issued_by(id: &str, to_node: &str, from: &str) -> bool {
+    if to_node != from {
+        debug!(%id, %from, "receipt from a node the message was not sent to; ignored");
+    }
+    to_node == from
+}
+
+/// Apply a receipt's outcome to `p`; whether it moved. A receipt proves
+/// delivery, so a move also makes sure the history shows it.
 fn apply_kind<S>(p: &mut Progress<S>, kind: ReceiptKind, at: u64) -> bool {
-    match kind {
+    let moved = match kind {
         ReceiptKind::Processed { result_json } => {
             let moved = p.advance(Status::Processed, at, None);
             if moved {
@@ -200,7 +200,11 @@ fn apply_kind<S>(p: &mut Progress<S>, kind: ReceiptKind, at: u64) -> bool {
             at,
             Some("expired in the recipient's inbox".into()),
         ),
+    };
+    if moved {
+        ensure_delivered_step(&mut p.history);
     }
+    moved
 }
 
 /// A receipt proves delivery: when it overtook the delivery answer, the
@@ -225,41 +229,16 @@ fn ensure_delivered_step(history: &mut Vec<HistoryEntry>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::delivery::records::{OutHead, encode_outgoing};
-    use crate::identity::AgentId;
+    use crate::delivery::records::tests::{envelope, head, store_outgoing};
     use crate::store::Store;
-    use crate::wire::Envelope;
 
     #[tokio::test]
     async fn a_message_handed_over_between_the_two_reads_is_still_found() {
         let dir = tempfile::tempdir().unwrap();
         let (store, _w) = Store::open(dir.path()).unwrap();
-        let env = Envelope {
-            id: "m1".into(),
-            from: AgentId::from_public(&[1; 32]),
-            from_handle: "alice".into(),
-            to: AgentId::from_public(&[2; 32]),
-            subject: None,
-            body_json: "{}".into(),
-            reply_to: None,
-            created_at_ms: 1,
-            expires_at_ms: u64::MAX,
-            trace_id: "t".into(),
-            delegation_json: None,
-        };
-        let head = OutHead {
-            to_handle: "bob".into(),
-            to_node: "node".into(),
-        };
-        let summary = Summary::of(&env, &head);
-        let row = encode_outgoing(&head, &wire::encode(&env));
-        store
-            .write(move |txn| {
-                txn.open_table(OUT_MESSAGES)?
-                    .insert_new("m1", row.as_slice())
-            })
-            .await
-            .unwrap();
+        let env = envelope();
+        let summary = Summary::of(&env, &head());
+        store_outgoing(&store, "m1", &env).await;
         // Queued: a status query reads no progress...
         let r = store.read().unwrap();
         let status = r.open_table(OUT_STATUS).unwrap();

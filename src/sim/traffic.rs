@@ -188,15 +188,8 @@ impl Generator {
             from_slot,
             pattern,
             req: SendRequest {
-                from,
-                to,
-                body_json: body.to_string(),
-                subject: None,
-                reply_to: None,
                 ttl: Some(self.ttl),
-                idempotency_key: None,
-                delegation_json: None,
-                trace_id: None,
+                ..SendRequest::new(from, to, body)
             },
         })
     }
