@@ -35,6 +35,7 @@ use crate::wire::{self, Request, Response};
 
 mod ack;
 mod courier;
+mod ending;
 mod gc;
 pub mod ids;
 mod inbox;

@@ -53,7 +53,7 @@ use wal::Wal;
 /// File name of the database inside the data dir.
 pub const DB_FILE: &str = "agentmesh.redb";
 /// The schema this build reads and writes.
-pub const SCHEMA_VERSION: u32 = 4;
+pub const SCHEMA_VERSION: u32 = 5;
 /// redb's page cache (its default is 1 GiB). The memtables hold what was
 /// written since the last checkpoint, so redb's cache serves point reads
 /// (duplicate checks, status queries) and scans; a start that scans 100k
@@ -451,9 +451,12 @@ fn check_schema(db: &Database, path: &Path) -> Result<(), OpenError> {
                     // messages progress. Schema 3 → 4 rewrites none
                     // either: the outbox index is no longer read, and the
                     // node empties it at start (after the log's replay).
+                    // Schema 4 → 5 neither: the node moves the receipts
+                    // of `RECEIPTS_OUT` into `RECEIPT_BATCHES` at start.
                     // The bump keeps older builds, which cannot read
-                    // schema 3's status rows or would find no outbox and
-                    // never send what is queued, from opening the file.
+                    // schema 3's status rows, or would find no outbox or
+                    // no receipts and never send them, from opening the
+                    // file.
                     meta.insert(META_SCHEMA, SCHEMA_VERSION.to_le_bytes().as_slice())
                         .map_err(|e| storage(e.into()))?;
                     tracing::info!(path = %path.display(), from = found, to = SCHEMA_VERSION, "database schema upgraded");

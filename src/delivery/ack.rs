@@ -1,7 +1,8 @@
 //! Acknowledgements from local agents: one durable write for any number of
-//! acks, then a receipt per message queued back to its sender's node.
+//! acks, then the acked messages' receipts queued back to their senders'
+//! nodes, one row of them per node.
 
-use super::inbox::InboxTables;
+use super::ending::InboxTables;
 use super::lease;
 use super::records::InboxState;
 use super::{Delivery, Error, Stats};
@@ -48,6 +49,8 @@ impl Delivery {
         };
         let saving = leases.clone();
         let a = agent.clone();
+        // The key of the receipts' row (one row for the whole ack).
+        let key = self.inner.ids.next(now_ms());
         let written = self
             .inner
             .store
@@ -57,7 +60,7 @@ impl Delivery {
                     lease::write(&mut t.inbox, a.as_str(), l)?;
                 }
                 let mut results = Vec::with_capacity(acks.len());
-                let mut receipts = Vec::new();
+                let mut acked = Vec::new();
                 for (id, result_json) in acks {
                     let Some(rec) = t.get(a.as_str(), &id)? else {
                         results.push(Err(Error::UnknownMessage(id)));
@@ -79,7 +82,7 @@ impl Delivery {
                         results.push(r);
                         continue;
                     }
-                    let node = t.finish(
+                    t.finish(
                         a.as_str(),
                         &id,
                         rec,
@@ -87,20 +90,20 @@ impl Delivery {
                         ReceiptKind::Processed { result_json },
                         now_ms(),
                     )?;
-                    receipts.push((node, id));
+                    acked.push(id);
                     results.push(Ok(()));
                 }
-                Ok((results, receipts))
+                let receipts = t.write_receipts(&key)?;
+                Ok((results, acked, receipts))
             })
             .await;
-        let (results, receipts) = match written {
+        let (results, ids, receipts) = match written {
             Ok(r) => r,
             Err(e) => {
                 self.inner.inboxes.unsaved_again(agent, leases, ended);
                 return Err(e.into());
             }
         };
-        let ids: Vec<String> = receipts.iter().map(|(_, id)| id.clone()).collect();
         self.forget_pending(agent, &ids);
         Stats::add(&self.inner.stats.acked, ids.len());
         self.queue_receipts(receipts).await;

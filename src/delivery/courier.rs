@@ -15,7 +15,7 @@ use tracing::{Instrument, debug, warn};
 use super::queue::{Backoff, Item, Outbound, Queues};
 use super::records::{self, Progress, Status};
 use super::{DELIVER_DOMAIN, Delivery, RECEIPTS_DOMAIN, Stats, ids};
-use crate::store::tables::{OUT_MESSAGES, OUT_STATUS, RECEIPTS_OUT};
+use crate::store::tables::{OUT_MESSAGES, OUT_STATUS, RECEIPT_BATCHES};
 use crate::time::now_ms;
 use crate::wire::envelope::{
     DeliverPayloadRef, MAX_BATCH_BYTES, MAX_BATCH_MESSAGES, ReceiptPayload,
@@ -64,7 +64,7 @@ pub(crate) enum Kind {
     Receipts,
 }
 
-use replay::{Replay, Seen, drop_legacy_outbox};
+use replay::{Replay, Seen, drop_legacy_outbox, move_legacy_receipts};
 
 struct State {
     messages: Queues,
@@ -99,6 +99,15 @@ pub(crate) async fn run(d: Delivery, mut rx: mpsc::Receiver<Cmd>, cancel: Cancel
         receipts: Queues::new(backoff),
         rng: now_ms() | 1,
     };
+    // Before the scan, which queues what this finds.
+    if let Err(e) = move_legacy_receipts(&d).await {
+        let e = d
+            .inner
+            .store
+            .fail("moving the receipts of schema 4", &e.to_string());
+        tracing::error!(error = %e, "the courier stops");
+        return;
+    }
     // What was queued before this start is read beside the node's start,
     // not before it: with 100k messages queued the scan takes a few hundred
     // ms. Commands that come meanwhile wait, and whatever they queue that
@@ -545,29 +554,38 @@ async fn send_receipts(
     items: Vec<Item>,
 ) -> Result<Vec<String>, String> {
     let node = peer.to_string();
-    let (receipts, mut answered) = {
+    // Each item is a row of receipts (`RECEIPT_BATCHES`).
+    let (receipts, keys, mut answered) = {
         let r = d.inner.store.read().map_err(|e| e.to_string())?;
-        let t = r.open_table(RECEIPTS_OUT).map_err(|e| e.to_string())?;
+        let t = r.open_table(RECEIPT_BATCHES).map_err(|e| e.to_string())?;
         let mut rs: Vec<Receipt> = Vec::new();
+        let mut keys = Vec::with_capacity(items.len());
         let mut gone = Vec::new();
         for item in &items {
             match t
                 .get((node.as_str(), item.id.as_str()))
                 .map_err(|e| e.to_string())?
             {
-                Some(v) => match records::decode::<Receipt>("receipts_out", v.value()) {
-                    Ok(rc) => rs.push(rc),
-                    Err(_) => gone.push(item.id.clone()),
+                Some(v) => match records::decode::<Vec<Receipt>>("receipt_batches", v.value()) {
+                    Ok(row) => {
+                        rs.extend(row);
+                        keys.push(item.id.clone());
+                    }
+                    Err(e) => {
+                        // Sending it would fail forever: leave it for
+                        // inspection and say so once.
+                        warn!(%peer, key = %item.id, error = %e, "a stored row of receipts does not decode; it is not sent");
+                        gone.push(item.id.clone());
+                    }
                 },
                 None => gone.push(item.id.clone()),
             }
         }
-        (rs, gone)
+        (rs, keys, gone)
     };
     if receipts.is_empty() {
         return Ok(answered);
     }
-    let ids: Vec<String> = receipts.iter().map(|r| r.message_id.clone()).collect();
     if peer == d.inner.node_id {
         d.apply_receipt_list(peer, receipts)
             .await
@@ -596,21 +614,21 @@ async fn send_receipts(
     }
     // Lazy: lost in a crash, the receipts go again and the sender ignores
     // what it already has.
-    let ids = d
+    let keys = d
         .inner
         .store
         .write_lazy(move |txn| {
-            let mut t = txn.open_table(RECEIPTS_OUT)?;
+            let mut t = txn.open_table(RECEIPT_BATCHES)?;
             // Read above, and only this peer's one batch in flight
             // removes them.
-            for id in &ids {
-                t.discard((node.as_str(), id.as_str()))?;
+            for key in &keys {
+                t.discard((node.as_str(), key.as_str()))?;
             }
-            Ok(ids)
+            Ok(keys)
         })
         .await
         .map_err(|e| e.to_string())?;
-    answered.extend(ids);
+    answered.extend(keys);
     Ok(answered)
 }
 

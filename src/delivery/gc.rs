@@ -12,7 +12,7 @@ use std::ops::Bound;
 
 use tracing::{debug, warn};
 
-use super::inbox::InboxTables;
+use super::ending::{InboxTables, ReceiptRow};
 use super::records::{self, InboxRecord, InboxState, Progress};
 use super::{Delivery, Stats};
 use crate::store::Tx;
@@ -54,8 +54,9 @@ enum Cursor {
     Done,
 }
 
-/// Inbox receipts due after a chunk: `(agent, sender node, message id)`.
-type Due = Vec<(String, String, String)>;
+/// What an inbox chunk ended: `(agent, message id)` of the entries that
+/// expired, and the rows of their receipts.
+type Due = (Vec<(String, String)>, Vec<ReceiptRow>);
 /// Rows of a two-part-key table: key and encoded value.
 type PairRows = Vec<((String, String), Vec<u8>)>;
 
@@ -92,9 +93,10 @@ fn inbox_chunk(
     txn: &Tx<'_>,
     after: &Option<(String, String)>,
     now: u64,
+    key: &str,
 ) -> Result<(GcReport, Due, Cursor), crate::store::Error> {
     let mut report = GcReport::default();
-    let mut due = Vec::new();
+    let mut ended = Vec::new();
     let mut t = InboxTables::open(txn)?;
     let rows = pair_rows(&t.inbox, after)?;
     for ((agent, id), v) in &rows {
@@ -106,7 +108,7 @@ fn inbox_chunk(
             // Leased ones are left to their lease: the agent may still ack.
             InboxState::Pending if rec.lease_until_ms > now => {}
             InboxState::Pending => {
-                let node = t.finish(
+                t.finish(
                     agent,
                     id,
                     rec,
@@ -114,7 +116,7 @@ fn inbox_chunk(
                     ReceiptKind::Expired,
                     now,
                 )?;
-                due.push((agent.clone(), node, id.clone()));
+                ended.push((agent.clone(), id.clone()));
                 report.expired += 1;
             }
             _ => {
@@ -124,7 +126,8 @@ fn inbox_chunk(
         }
     }
     let next = advance(&rows, |k| Cursor::Inbox(Some(k)), Cursor::Idempotency(None));
-    Ok((report, due, next))
+    let receipts = t.write_receipts(key)?;
+    Ok((report, (ended, receipts), next))
 }
 
 fn idempotency_chunk(
@@ -204,20 +207,21 @@ impl Delivery {
         let mut cursor = Cursor::Inbox(None);
         while !matches!(cursor, Cursor::Done) {
             let at = cursor.clone();
-            let step =
-                self.inner
-                    .store
-                    .write(move |txn| match &at {
-                        Cursor::Inbox(after) => inbox_chunk(txn, after, now),
-                        Cursor::Idempotency(after) => {
-                            idempotency_chunk(txn, after, now).map(|(r, c)| (r, Vec::new(), c))
-                        }
-                        Cursor::Tracking(after) => tracking_chunk(txn, after, now, retention)
-                            .map(|(r, c)| (r, Vec::new(), c)),
-                        Cursor::Done => Ok((GcReport::default(), Vec::new(), Cursor::Done)),
-                    })
-                    .await;
-            let (report, due, next) = match step {
+            let key = self.inner.ids.next(now);
+            let step = self
+                .inner
+                .store
+                .write(move |txn| match &at {
+                    Cursor::Inbox(after) => inbox_chunk(txn, after, now, &key),
+                    Cursor::Idempotency(after) => {
+                        idempotency_chunk(txn, after, now).map(|(r, c)| (r, Due::default(), c))
+                    }
+                    Cursor::Tracking(after) => tracking_chunk(txn, after, now, retention)
+                        .map(|(r, c)| (r, Due::default(), c)),
+                    Cursor::Done => Ok((GcReport::default(), Due::default(), Cursor::Done)),
+                })
+                .await;
+            let (report, (ended, receipts), next) = match step {
                 Ok(s) => s,
                 Err(e) => {
                     warn!(error = %e, "garbage collection failed; will retry");
@@ -225,13 +229,12 @@ impl Delivery {
                 }
             };
             Stats::add(&self.inner.stats.expired, report.expired);
-            for (agent, _, id) in &due {
+            for (agent, id) in &ended {
                 if let Ok(a) = agent.parse() {
                     self.forget_pending(&a, std::slice::from_ref(id));
                 }
             }
-            self.queue_receipts(due.into_iter().map(|(_, node, id)| (node, id)).collect())
-                .await;
+            self.queue_receipts(receipts).await;
             total.add(report);
             cursor = next;
         }

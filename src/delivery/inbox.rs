@@ -5,7 +5,7 @@
 //! The database is the truth; an in-memory index of pending entries per
 //! agent (rebuilt at start) only saves scanning it on every poll.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -13,16 +13,17 @@ use libp2p::PeerId;
 use tokio::sync::Notify;
 use tracing::warn;
 
+use super::ending::{InboxTables, ReceiptRow};
 use super::lease::{self, Lease};
 use super::queue::Item;
 use super::records::{self, InboxRecord, InboxState};
 use super::{Delivery, Error, MAX_POLL, MAX_WAIT_SECS, Stats, courier, ids, verify_node_sig};
 use crate::discovery::ad;
 use crate::identity::{AgentId, IdMap};
-use crate::store::tables::{INBOX, INBOX_MESSAGES, RECEIPTS_OUT, REPLIES};
+use crate::store::tables::{INBOX, INBOX_MESSAGES, REPLIES};
 use crate::time::now_ms;
 use crate::wire::envelope::{DeliverPayload, EnvelopeRef, MAX_BATCH_BYTES, MAX_BATCH_MESSAGES};
-use crate::wire::{self, Envelope, Outcome, Receipt, ReceiptKind, Rejection};
+use crate::wire::{self, Envelope, Outcome, ReceiptKind, Rejection};
 
 /// A message handed to an agent.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -68,78 +69,6 @@ impl Inboxes {
 
     fn notify(&self, agent: &AgentId) -> Arc<Notify> {
         self.lock().entry(agent.clone()).or_default().notify.clone()
-    }
-}
-
-type InboxTable<'t> = crate::store::Table<'t, (&'static str, &'static str), &'static [u8]>;
-
-/// The three tables an inbox entry's end touches, open in one write
-/// transaction.
-pub(super) struct InboxTables<'t> {
-    pub(super) inbox: InboxTable<'t>,
-    messages: InboxTable<'t>,
-    receipts: InboxTable<'t>,
-}
-
-impl<'t> InboxTables<'t> {
-    pub(super) fn open(txn: &crate::store::Tx<'t>) -> Result<Self, crate::store::Error> {
-        Ok(InboxTables {
-            inbox: txn.open_table(INBOX)?,
-            messages: txn.open_table(INBOX_MESSAGES)?,
-            receipts: txn.open_table(RECEIPTS_OUT)?,
-        })
-    }
-
-    /// The entry's record, if there is one.
-    pub(super) fn get(
-        &self,
-        agent: &str,
-        id: &str,
-    ) -> Result<Option<InboxRecord>, crate::store::Error> {
-        self.inbox
-            .get((agent, id))?
-            .map(|v| records::decode::<InboxRecord>("inbox", v.value()))
-            .transpose()
-    }
-
-    /// End an entry in `state`: its record stays as a tombstone (to
-    /// recognise duplicates), its envelope goes, and its receipt is queued
-    /// for the sender's node in the same transaction. Returns that node.
-    pub(super) fn finish(
-        &mut self,
-        agent: &str,
-        id: &str,
-        mut rec: InboxRecord,
-        state: InboxState,
-        kind: ReceiptKind,
-        at_ms: u64,
-    ) -> Result<String, crate::store::Error> {
-        // A message ends once: ending a pending one queues the first and
-        // only receipt under its key.
-        let first = rec.state == InboxState::Pending;
-        rec.state = state;
-        rec.lease_until_ms = 0;
-        self.inbox
-            .insert_with((agent, id), |b| wire::encode_into(b, &rec))?;
-        if first {
-            // A pending entry's envelope is stored until it ends.
-            self.messages.discard((agent, id))?;
-        } else {
-            self.messages.remove((agent, id))?;
-        }
-        let receipt = Receipt {
-            message_id: id.to_string(),
-            kind,
-            at_ms,
-        };
-        let key = (rec.from_node.as_str(), id);
-        let value = |b: &mut Vec<u8>| wire::encode_into(b, &receipt);
-        if first {
-            self.receipts.insert_new_with(key, value)?;
-        } else {
-            self.receipts.insert_with(key, value)?;
-        }
-        Ok(rec.from_node)
     }
 }
 
@@ -533,13 +462,13 @@ impl Delivery {
         // outrun the state they report: durable, and waited for.
         let a = agent.clone();
         let (dead, expired) = (sel.dead.clone(), sel.expired.clone());
+        let key = self.inner.ids.next(now);
         let result = self
             .inner
             .store
             .write(move |txn| {
                 let mut t = InboxTables::open(txn)?;
                 lease::write(&mut t.inbox, a.as_str(), &leases)?;
-                let mut queued = Vec::new();
                 for (ids, final_state) in [
                     (&dead, InboxState::DeadLetter),
                     (&expired, InboxState::Expired),
@@ -554,11 +483,10 @@ impl Delivery {
                             },
                             _ => ReceiptKind::Expired,
                         };
-                        let node = t.finish(a.as_str(), id, rec, final_state, kind, now)?;
-                        queued.push((node, id.clone()));
+                        t.finish(a.as_str(), id, rec, final_state, kind, now)?;
                     }
                 }
-                Ok(queued)
+                t.write_receipts(&key)
             })
             .await;
         match result {
@@ -649,27 +577,26 @@ impl Delivery {
         }
     }
 
-    pub(crate) async fn queue_receipts(&self, rows: Vec<(String, String)>) {
+    /// Queue rows of receipts ([`InboxTables::write_receipts`]) to their nodes.
+    pub(crate) async fn queue_receipts(&self, rows: Vec<ReceiptRow>) {
         if rows.is_empty() {
             return;
         }
-        // Rows come in runs per sender node: parse each node id once.
-        let mut peers: HashMap<String, Option<PeerId>> = HashMap::new();
         let items = rows
             .into_iter()
-            .filter_map(|(node, id)| {
-                let peer = *peers.entry(node).or_insert_with_key(|n| n.parse().ok());
-                peer.map(|p| {
-                    (
-                        p,
-                        Item {
-                            id,
-                            expires_at_ms: u64::MAX,
-                            size: 128,
-                            env: None,
-                        },
-                    )
-                })
+            .filter_map(|row| {
+                // Written from an inbox record, which holds a node id
+                // that parsed when the message arrived.
+                let peer: PeerId = row.node.parse().ok()?;
+                Some((
+                    peer,
+                    Item {
+                        id: row.key,
+                        expires_at_ms: u64::MAX,
+                        size: row.bytes,
+                        env: None,
+                    },
+                ))
             })
             .collect();
         let _ = self.inner.courier.send(courier::Cmd::Receipts(items)).await;

@@ -39,9 +39,19 @@ pub(crate) const INBOX: TableDefinition<(&str, &str), &[u8]> = TableDefinition::
 /// message reaches a final state.
 pub(crate) const INBOX_MESSAGES: TableDefinition<(&str, &str), &[u8]> =
     TableDefinition::new("inbox_messages");
-/// Receipts not yet confirmed by the sender's node: `(sender node, message id)` → receipt.
+/// Schema 4 and earlier: receipts not yet confirmed by the sender's node,
+/// one row per message: `(sender node, message id)` → receipt. No longer
+/// written: the table stays defined so that an older build's log records
+/// replay, and starting a node moves its rows into `RECEIPT_BATCHES`
+/// (`delivery::courier::replay`).
 pub(crate) const RECEIPTS_OUT: TableDefinition<(&str, &str), &[u8]> =
     TableDefinition::new("receipts_out");
+/// Receipts not yet confirmed by the sender's node, one row per sender
+/// node and transaction that ended messages (an ack of many is one row):
+/// `(sender node, row key)` → encoded `Vec<Receipt>`. The row key is an
+/// id minted by this node, so rows sort in the order they were written.
+pub(crate) const RECEIPT_BATCHES: TableDefinition<(&str, &str), &[u8]> =
+    TableDefinition::new("receipt_batches");
 
 /// Tables whose rows live briefly (queued envelopes, receipts not yet
 /// confirmed): a row still live when its memtable freezes is carried into
@@ -51,6 +61,7 @@ pub(super) fn carried(name: &str) -> bool {
         OUT_MESSAGES.name(),
         INBOX_MESSAGES.name(),
         RECEIPTS_OUT.name(),
+        RECEIPT_BATCHES.name(),
     ]
     .contains(&name)
 }
@@ -69,7 +80,8 @@ macro_rules! every_table {
             REPLIES,
             INBOX,
             INBOX_MESSAGES,
-            RECEIPTS_OUT
+            RECEIPTS_OUT,
+            RECEIPT_BATCHES
         )
     };
 }

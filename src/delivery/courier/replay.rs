@@ -8,9 +8,12 @@ use libp2p::PeerId;
 use tracing::warn;
 
 use super::{Cmd, Item};
+use crate::delivery::ending::InboxTables;
 use crate::delivery::records;
 use crate::delivery::{Delivery, Error};
-use crate::store::tables::{OUT_MESSAGES, OUTBOX, RECEIPTS_OUT};
+use crate::store::tables::{OUT_MESSAGES, OUTBOX, RECEIPT_BATCHES, RECEIPTS_OUT};
+use crate::time::now_ms;
+use crate::wire::Receipt;
 use crate::wire::{self, envelope::EnvelopeRef};
 
 /// What the database says is still to send, read at start.
@@ -47,24 +50,24 @@ impl Replay {
             }
         }
         let mut receipts = Vec::new();
-        let table = r.open_table(RECEIPTS_OUT)?;
+        let table = r.open_table(RECEIPT_BATCHES)?;
         for row in table.iter()? {
-            let (k, _) = row?;
-            let (node, id) = k.value();
+            let (k, v) = row?;
+            let (node, key) = k.value();
             if let Ok(peer) = node.parse::<PeerId>() {
                 receipts.push((
                     peer,
                     Item {
-                        id: id.to_string(),
+                        id: key.to_string(),
                         expires_at_ms: u64::MAX,
-                        size: 128,
+                        size: v.value().len() as u64,
                         env: None,
                     },
                 ));
             }
         }
-        // Ids sort by creation time, and the scan is in id order: each
-        // peer's queue replays in send order.
+        // Ids and row keys sort by creation time, and the scans are in
+        // key order: each peer's queues replay in the order written.
         Ok(Replay { messages, receipts })
     }
 }
@@ -106,6 +109,55 @@ pub(super) async fn drop_legacy_outbox(d: &Delivery) -> Result<(), Error> {
         })
         .await?;
     tracing::info!(rows = n, "emptied the outbox index of schema 3");
+    Ok(())
+}
+
+/// Move schema 4's receipts, a row per message in `RECEIPTS_OUT`, into
+/// rows of `RECEIPT_BATCHES`, one per sender node, in one transaction:
+/// a database from an older build, or its log replayed at this start.
+/// Runs before the start's scan, which then queues them. A row that does
+/// not decode stays where it is, named in a warning.
+pub(super) async fn move_legacy_receipts(d: &Delivery) -> Result<(), Error> {
+    let rows: Vec<((String, String), Vec<u8>)> = {
+        let r = d.inner.store.read()?;
+        let t = r.open_table(RECEIPTS_OUT)?;
+        let mut rows = Vec::new();
+        for row in t.iter()? {
+            let (k, v) = row?;
+            let (node, id) = k.value();
+            rows.push(((node.to_string(), id.to_string()), v.value().to_vec()));
+        }
+        rows
+    };
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let key = d.inner.ids.next(now_ms());
+    let moved = d
+        .inner
+        .store
+        .write(move |txn| {
+            let mut t = InboxTables::open(txn)?;
+            let mut old = txn.open_table(RECEIPTS_OUT)?;
+            let mut moved = 0;
+            for ((node, id), v) in rows {
+                match records::decode::<Receipt>("receipts_out", &v) {
+                    Ok(rc) => {
+                        old.remove((node.as_str(), id.as_str()))?;
+                        t.keep_receipt(node, rc);
+                        moved += 1;
+                    }
+                    Err(e) => warn!(%node, %id, error = %e, "a receipt of schema 4 does not decode; left in receipts_out"),
+                }
+            }
+            t.write_receipts(&key)?;
+            Ok(moved)
+        })
+        .await?;
+    tracing::info!(
+        receipts = moved,
+        "moved the receipts of schema 4 into rows per node"
+    );
     Ok(())
 }
 

@@ -4,8 +4,8 @@ use super::{Cmd, Item, Replay, Seen};
 use crate::delivery::records::{self, OutHead};
 use crate::identity::AgentId;
 use crate::store::Store;
-use crate::store::tables::{OUT_MESSAGES, OUTBOX};
-use crate::wire::{self, Envelope};
+use crate::store::tables::{OUT_MESSAGES, OUTBOX, RECEIPT_BATCHES, RECEIPTS_OUT};
+use crate::wire::{self, Envelope, Receipt, ReceiptKind};
 use crate::{Node, NodeConfig};
 
 /// A database written by schema 3 holds each queued message twice: its
@@ -99,6 +99,93 @@ async fn queued_messages_replay_from_their_envelopes_and_the_old_index_is_emptie
         .len()
         .unwrap();
     assert_eq!(stored as usize, ids.len());
+    drop(h);
+    node.shutdown().await;
+}
+
+/// A database written by schema 4 holds a row per receipt in
+/// `RECEIPTS_OUT`. A start moves them into a row per sender node, in
+/// their order, and queues those rows; a row that does not decode stays.
+#[tokio::test]
+async fn receipts_of_schema_4_move_into_a_row_per_node_and_are_queued() {
+    let dir = tempfile::tempdir().unwrap();
+    let node_of = || {
+        libp2p::identity::Keypair::generate_ed25519()
+            .public()
+            .to_peer_id()
+            .to_string()
+    };
+    let (p, q) = (node_of(), node_of());
+    let receipt = |i: u32| Receipt {
+        message_id: format!("01KB00000000000000000000R{i}"),
+        kind: ReceiptKind::DeadLetter { deliveries: i },
+        at_ms: 5,
+    };
+    {
+        let (store, w) = Store::open(dir.path()).unwrap();
+        let (p, q) = (p.clone(), q.clone());
+        store
+            .write(move |txn| {
+                let mut t = txn.open_table(RECEIPTS_OUT)?;
+                for (node, i) in [(&p, 1), (&q, 2), (&p, 3), (&p, 4)] {
+                    let rc = receipt(i);
+                    t.insert(
+                        (node.as_str(), rc.message_id.as_str()),
+                        wire::encode(&rc).as_slice(),
+                    )?;
+                }
+                t.insert(
+                    (p.as_str(), "01KB00000000000000000000R9"),
+                    b"\xff".as_slice(),
+                )?;
+                Ok(())
+            })
+            .await
+            .unwrap();
+        drop(store);
+        w.join();
+    }
+    let mut cfg = NodeConfig::local_test(dir.path());
+    cfg.api.enabled = false;
+    let node = Node::start(cfg).await.unwrap();
+    let h = node.handle();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let left = h
+            .store()
+            .read()
+            .unwrap()
+            .open_table(RECEIPTS_OUT)
+            .unwrap()
+            .len()
+            .unwrap();
+        let (_, rows) = h.delivery().backlog().await.unwrap();
+        if left == 1 && rows == 2 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "old rows left: {left}; rows queued: {rows} (want 1 and 2)"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut by_node = Vec::new();
+    {
+        let r = h.store().read().unwrap();
+        let t = r.open_table(RECEIPT_BATCHES).unwrap();
+        for row in t.iter().unwrap() {
+            let (k, v) = row.unwrap();
+            let got: Vec<Receipt> = records::decode("receipt_batches", v.value()).unwrap();
+            by_node.push((k.value().0.to_string(), got));
+        }
+    }
+    by_node.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut want = vec![
+        (p.clone(), vec![receipt(1), receipt(3), receipt(4)]),
+        (q.clone(), vec![receipt(2)]),
+    ];
+    want.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(by_node, want);
     drop(h);
     node.shutdown().await;
 }
