@@ -13,6 +13,11 @@ use crate::wire::ReceiptKind;
 /// Most acks in one call.
 pub const MAX_ACKS: usize = 1000;
 
+/// Largest result an ack may carry (a message body's limit): its receipt
+/// must fit in one request to the sender's node, or it would be retried,
+/// and hold up the receipts behind it, forever.
+pub const MAX_RESULT_BYTES: usize = crate::wire::MAX_BODY_BYTES;
+
 impl Delivery {
     /// Acknowledge a message; `result_json` travels back in the receipt.
     /// Acking an already-acknowledged message succeeds again.
@@ -62,6 +67,13 @@ impl Delivery {
                 let mut results = Vec::with_capacity(acks.len());
                 let mut acked = Vec::new();
                 for (id, result_json) in acks {
+                    if let Some(r) = result_json.as_ref().filter(|r| r.len() > MAX_RESULT_BYTES) {
+                        results.push(Err(Error::Invalid(format!(
+                            "the result of message {id} is {} bytes; an ack's result may have at most {MAX_RESULT_BYTES}",
+                            r.len()
+                        ))));
+                        continue;
+                    }
                     let Some(rec) = t.get(a.as_str(), &id)? else {
                         results.push(Err(Error::UnknownMessage(id)));
                         continue;
@@ -108,5 +120,87 @@ impl Delivery {
         Stats::add(&self.inner.stats.acked, ids.len());
         self.queue_receipts(receipts).await;
         Ok(results)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::delivery::SendRequest;
+    use crate::discovery::Registration;
+    use crate::routing::Address;
+    use crate::{Node, NodeConfig};
+
+    /// A result too big for a receipt is refused for its message alone,
+    /// naming it; the message stays pending and a later ack ends it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_result_too_big_for_a_receipt_is_refused_and_the_message_stays_pending() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = NodeConfig::local_test(dir.path());
+        cfg.api.enabled = false;
+        let node = Node::start(cfg).await.unwrap();
+        let h = node.handle();
+        let register = |handle: &str| Registration {
+            handle: handle.into(),
+            ..Registration::default()
+        };
+        let alice = h
+            .discovery()
+            .register(register("alice"))
+            .await
+            .unwrap()
+            .agent_id;
+        let bob = h
+            .discovery()
+            .register(register("bob"))
+            .await
+            .unwrap()
+            .agent_id;
+        let d = h.delivery();
+        let mut ids = Vec::new();
+        for body in ["1", "2"] {
+            let sent = d
+                .send(SendRequest::new(
+                    alice.clone(),
+                    Address::Agent(bob.clone()),
+                    body,
+                ))
+                .await
+                .unwrap();
+            ids.push(sent.messages[0].0.clone());
+        }
+        let mut got = 0;
+        while got < 2 {
+            got += d
+                .poll(&bob, Duration::from_secs(10), 10)
+                .await
+                .unwrap()
+                .len();
+        }
+        let huge = format!("\"{}\"", "x".repeat(MAX_RESULT_BYTES));
+        let results = d
+            .ack_many(
+                &bob,
+                vec![
+                    (ids[0].clone(), Some(huge)),
+                    (ids[1].clone(), Some("7".into())),
+                ],
+            )
+            .await
+            .unwrap();
+        match &results[0] {
+            Err(Error::Invalid(why)) => {
+                assert!(why.contains(&ids[0]) && why.contains("at most"), "{why}")
+            }
+            other => panic!("want an invalid result, got {other:?}"),
+        }
+        assert!(results[1].is_ok(), "{:?}", results[1]);
+        assert_eq!(d.pending_count(&bob), 1);
+        d.ack(&bob, &ids[0], Some("8".into())).await.unwrap();
+        assert_eq!(d.pending_count(&bob), 0);
+        drop(h);
+        node.shutdown().await;
     }
 }
