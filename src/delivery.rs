@@ -43,6 +43,8 @@ mod lease;
 pub mod queue;
 pub mod records;
 mod send;
+#[cfg(test)]
+pub(crate) mod testing;
 mod tracking;
 
 pub use gc::GcReport;

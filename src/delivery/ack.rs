@@ -129,35 +129,17 @@ mod tests {
 
     use super::*;
     use crate::delivery::SendRequest;
-    use crate::discovery::Registration;
+    use crate::delivery::testing::{register, start_node};
     use crate::routing::Address;
-    use crate::{Node, NodeConfig};
 
     /// A result too big for a receipt is refused for its message alone,
     /// naming it; the message stays pending and a later ack ends it.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_result_too_big_for_a_receipt_is_refused_and_the_message_stays_pending() {
         let dir = tempfile::tempdir().unwrap();
-        let mut cfg = NodeConfig::local_test(dir.path());
-        cfg.api.enabled = false;
-        let node = Node::start(cfg).await.unwrap();
+        let node = start_node(dir.path()).await;
         let h = node.handle();
-        let register = |handle: &str| Registration {
-            handle: handle.into(),
-            ..Registration::default()
-        };
-        let alice = h
-            .discovery()
-            .register(register("alice"))
-            .await
-            .unwrap()
-            .agent_id;
-        let bob = h
-            .discovery()
-            .register(register("bob"))
-            .await
-            .unwrap()
-            .agent_id;
+        let [alice, bob] = register(&h, ["alice", "bob"]).await;
         let d = h.delivery();
         let mut ids = Vec::new();
         for body in ["1", "2"] {

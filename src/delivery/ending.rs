@@ -8,7 +8,21 @@ use super::records::{self, InboxRecord, InboxState};
 use crate::store::tables::{INBOX, INBOX_MESSAGES, RECEIPT_BATCHES};
 use crate::wire::{self, Receipt, ReceiptKind};
 
-type InboxTable<'t> = crate::store::Table<'t, (&'static str, &'static str), &'static [u8]>;
+/// The inbox table (`INBOX`) or one keyed like it, open for writing.
+pub(super) type InboxTable<'t> =
+    crate::store::Table<'t, (&'static str, &'static str), &'static [u8]>;
+
+/// `agent`'s inbox record of message `id`, if there is one.
+pub(super) fn read_record(
+    inbox: &InboxTable<'_>,
+    agent: &str,
+    id: &str,
+) -> Result<Option<InboxRecord>, crate::store::Error> {
+    inbox
+        .get((agent, id))?
+        .map(|v| records::decode::<InboxRecord>("inbox", v.value()))
+        .transpose()
+}
 
 /// The three tables an inbox entry's end touches, open in one write
 /// transaction, and the receipts of the entries ended in it so far.
@@ -60,31 +74,21 @@ impl<'t> InboxTables<'t> {
         // Stable: each node's receipts keep their order.
         ended.sort_by(|a, b| a.0.cmp(&b.0));
         let mut rows = Vec::new();
-        let mut rest = ended.as_slice();
-        while let Some((node, _)) = rest.first() {
-            let same = rest.iter().take_while(|(n, _)| n == node).count();
-            let (mine, tail) = rest.split_at(same);
-            rest = tail;
-            let mut part = 0usize;
-            let mut from = 0;
-            while from < mine.len() {
-                let mut batch: Vec<&Receipt> = Vec::new();
-                let mut bytes = 0usize;
-                for (_, rc) in &mine[from..] {
-                    let size = receipt_size(rc);
-                    if !batch.is_empty() && bytes + size > RECEIPT_ROW_BYTES {
-                        break;
-                    }
-                    bytes += size;
-                    batch.push(rc);
+        for mine in ended.chunk_by(|a, b| a.0 == b.0) {
+            let node = &mine[0].0;
+            let mut rest = mine;
+            for part in 0.. {
+                if rest.is_empty() {
+                    break;
                 }
-                from += batch.len();
+                let (row, tail) = rest.split_at(fitting(rest));
+                rest = tail;
+                let batch: Vec<&Receipt> = row.iter().map(|(_, rc)| rc).collect();
                 // Parts of one node's receipts sort after the first.
                 let row_key = match part {
                     0 => key.to_string(),
                     n => format!("{key}.{n:06}"),
                 };
-                part += 1;
                 let mut len = 0;
                 self.receipts
                     .insert_new_with((node.as_str(), row_key.as_str()), |b| {
@@ -109,10 +113,7 @@ impl<'t> InboxTables<'t> {
         agent: &str,
         id: &str,
     ) -> Result<Option<InboxRecord>, crate::store::Error> {
-        self.inbox
-            .get((agent, id))?
-            .map(|v| records::decode::<InboxRecord>("inbox", v.value()))
-            .transpose()
+        read_record(&self.inbox, agent, id)
     }
 
     /// End an entry in `state`: its record stays as a tombstone (to
@@ -154,6 +155,20 @@ impl<'t> InboxTables<'t> {
     pub(super) fn keep_receipt(&mut self, node: String, receipt: Receipt) {
         self.ended.push((node, receipt));
     }
+}
+
+/// How many of `receipts` go in one row: as many as fit in
+/// `RECEIPT_ROW_BYTES`, and at least one.
+fn fitting(receipts: &[(String, Receipt)]) -> usize {
+    let mut bytes = 0;
+    receipts
+        .iter()
+        .take_while(|(_, rc)| {
+            bytes += receipt_size(rc);
+            bytes <= RECEIPT_ROW_BYTES
+        })
+        .count()
+        .max(1)
 }
 
 /// About the encoded size of a receipt, to split rows.

@@ -21,7 +21,7 @@ use crate::time::now_ms;
 use crate::wire::ReceiptKind;
 
 /// Rows looked at per write transaction.
-const CHUNK: usize = 2048;
+pub(super) const CHUNK: usize = 2048;
 
 /// Rows removed or expired by one pass.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -58,10 +58,10 @@ enum Cursor {
 /// expired, and the rows of their receipts.
 type Due = (Vec<(String, String)>, Vec<ReceiptRow>);
 /// Rows of a two-part-key table: key and encoded value.
-type PairRows = Vec<((String, String), Vec<u8>)>;
+pub(super) type PairRows = Vec<((String, String), Vec<u8>)>;
 
 /// The rows of a two-part-key table after `after`, at most `CHUNK` of them.
-fn pair_rows(
+pub(super) fn pair_rows(
     table: &crate::store::View<'_, (&'static str, &'static str), &'static [u8]>,
     after: &Option<(String, String)>,
 ) -> Result<PairRows, crate::store::Error> {

@@ -13,8 +13,9 @@
 use std::collections::HashSet;
 
 use super::Delivery;
+use super::ending::{InboxTable, read_record};
 use super::inbox::{AgentBox, Inboxes};
-use super::records::{self, InboxRecord, InboxState};
+use super::records::InboxState;
 use crate::identity::AgentId;
 use crate::store::tables::INBOX;
 use crate::wire;
@@ -106,16 +107,12 @@ impl AgentBox {
 /// taken earlier but written later (two writers racing) never lowers a
 /// stored count.
 pub(super) fn write(
-    inbox: &mut crate::store::Table<'_, (&'static str, &'static str), &'static [u8]>,
+    inbox: &mut InboxTable<'_>,
     agent: &str,
     leases: &[Lease],
 ) -> Result<(), crate::store::Error> {
     for (id, count, until) in leases {
-        let Some(mut rec) = inbox
-            .get((agent, id.as_str()))?
-            .map(|v| records::decode::<InboxRecord>("inbox", v.value()))
-            .transpose()?
-        else {
+        let Some(mut rec) = read_record(inbox, agent, id)? else {
             continue;
         };
         if rec.state != InboxState::Pending
@@ -165,11 +162,10 @@ mod tests {
 
     use super::super::inbox::{Inboxes, Slot};
     use crate::delivery::SendRequest;
-    use crate::discovery::Registration;
+    use crate::delivery::testing::{register, start_node};
     use crate::identity::AgentId;
     use crate::routing::Address;
     use crate::store::tables::INBOX;
-    use crate::{Node, NodeConfig};
 
     fn slot(count: u32, until: u64, saved: bool) -> Slot {
         Slot {
@@ -224,26 +220,9 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_lease_never_acked_reaches_the_database_with_the_sweep() {
         let dir = tempfile::tempdir().unwrap();
-        let mut cfg = NodeConfig::local_test(dir.path());
-        cfg.api.enabled = false;
-        let node = Node::start(cfg).await.unwrap();
+        let node = start_node(dir.path()).await;
         let h = node.handle();
-        let register = |handle: &str| Registration {
-            handle: handle.into(),
-            ..Registration::default()
-        };
-        let alice = h
-            .discovery()
-            .register(register("alice"))
-            .await
-            .unwrap()
-            .agent_id;
-        let bob = h
-            .discovery()
-            .register(register("bob"))
-            .await
-            .unwrap()
-            .agent_id;
+        let [alice, bob] = register(&h, ["alice", "bob"]).await;
         let sent = h
             .delivery()
             .send(SendRequest::new(alice, Address::Agent(bob.clone()), "1"))

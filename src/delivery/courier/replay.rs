@@ -9,8 +9,8 @@ use tracing::warn;
 
 use super::{Cmd, Item};
 use crate::delivery::ending::InboxTables;
-use crate::delivery::records;
 use crate::delivery::{Delivery, Error};
+use crate::delivery::{gc, records};
 use crate::store::tables::{OUT_MESSAGES, OUTBOX, RECEIPT_BATCHES, RECEIPTS_OUT};
 use crate::time::now_ms;
 use crate::wire::Receipt;
@@ -113,47 +113,51 @@ pub(super) async fn drop_legacy_outbox(d: &Delivery) -> Result<(), Error> {
 }
 
 /// Move schema 4's receipts, a row per message in `RECEIPTS_OUT`, into
-/// rows of `RECEIPT_BATCHES`, one per sender node, in one transaction:
-/// a database from an older build, or its log replayed at this start.
-/// Runs before the start's scan, which then queues them. A row that does
-/// not decode stays where it is, named in a warning.
+/// rows of `RECEIPT_BATCHES`, one per sender node, a chunk of rows per
+/// transaction (as garbage collection walks a table): a database from an
+/// older build, or its log replayed at this start. Runs before the
+/// start's scan, which then queues them. A row that does not decode stays
+/// where it is, named in a warning.
 pub(super) async fn move_legacy_receipts(d: &Delivery) -> Result<(), Error> {
-    let rows: Vec<((String, String), Vec<u8>)> = {
-        let r = d.inner.store.read()?;
-        let t = r.open_table(RECEIPTS_OUT)?;
-        let mut rows = Vec::new();
-        for row in t.iter()? {
-            let (k, v) = row?;
-            let (node, id) = k.value();
-            rows.push(((node.to_string(), id.to_string()), v.value().to_vec()));
-        }
-        rows
-    };
-    if rows.is_empty() {
+    // Most starts find none, and one read says so.
+    if d.inner.store.read()?.open_table(RECEIPTS_OUT)?.len()? == 0 {
         return Ok(());
     }
-    let key = d.inner.ids.next(now_ms());
-    let moved = d
-        .inner
-        .store
-        .write(move |txn| {
-            let mut t = InboxTables::open(txn)?;
-            let mut old = txn.open_table(RECEIPTS_OUT)?;
-            let mut moved = 0;
-            for ((node, id), v) in rows {
-                match records::decode::<Receipt>("receipts_out", &v) {
-                    Ok(rc) => {
-                        old.remove((node.as_str(), id.as_str()))?;
-                        t.keep_receipt(node, rc);
-                        moved += 1;
+    let (mut after, mut moved) = (None, 0);
+    loop {
+        let key = d.inner.ids.next(now_ms());
+        let (n, next) = d
+            .inner
+            .store
+            .write(move |txn| {
+                let mut t = InboxTables::open(txn)?;
+                let mut old = txn.open_table(RECEIPTS_OUT)?;
+                let rows = gc::pair_rows(&old, &after)?;
+                let next = match rows.last() {
+                    Some((k, _)) if rows.len() == gc::CHUNK => Some(k.clone()),
+                    _ => None,
+                };
+                let mut n = 0;
+                for ((node, id), v) in rows {
+                    match records::decode::<Receipt>("receipts_out", &v) {
+                        Ok(rc) => {
+                            old.remove((node.as_str(), id.as_str()))?;
+                            t.keep_receipt(node, rc);
+                            n += 1;
+                        }
+                        Err(e) => warn!(%node, %id, error = %e, "a receipt of schema 4 does not decode; left in receipts_out"),
                     }
-                    Err(e) => warn!(%node, %id, error = %e, "a receipt of schema 4 does not decode; left in receipts_out"),
                 }
-            }
-            t.write_receipts(&key)?;
-            Ok(moved)
-        })
-        .await?;
+                t.write_receipts(&key)?;
+                Ok((n, next))
+            })
+            .await?;
+        moved += n;
+        match next {
+            Some(k) => after = Some(k),
+            None => break,
+        }
+    }
     tracing::info!(
         receipts = moved,
         "moved the receipts of schema 4 into rows per node"

@@ -1,12 +1,11 @@
 use std::time::{Duration, Instant};
 
 use super::{Cmd, Item, Replay, Seen};
+use crate::delivery::records::tests::{envelope, head};
 use crate::delivery::records::{self, OutHead};
-use crate::identity::AgentId;
-use crate::store::Store;
+use crate::delivery::testing::{rows, start_node, write_before_start};
 use crate::store::tables::{OUT_MESSAGES, OUTBOX, RECEIPT_BATCHES, RECEIPTS_OUT};
 use crate::wire::{self, Envelope, Receipt, ReceiptKind};
-use crate::{Node, NodeConfig};
 
 /// A database written by schema 3 holds each queued message twice: its
 /// envelope row and an outbox index row. This build queues from the
@@ -23,61 +22,40 @@ async fn queued_messages_replay_from_their_envelopes_and_the_old_index_is_emptie
         .map(|i| format!("01KB00000000000000000000A{i}"))
         .collect();
     {
-        let (store, w) = Store::open(dir.path()).unwrap();
-        let (rows, peer) = (ids.clone(), peer.clone());
-        store
-            .write(move |txn| {
-                let mut msgs = txn.open_table(OUT_MESSAGES)?;
-                let mut outbox = txn.open_table(OUTBOX)?;
-                for id in &rows {
-                    let env = Envelope {
-                        id: id.clone(),
-                        from: AgentId::from_public(&[1; 32]),
-                        from_handle: "alice".into(),
-                        to: AgentId::from_public(&[2; 32]),
-                        subject: None,
-                        body_json: "{}".into(),
-                        reply_to: None,
-                        created_at_ms: now,
-                        expires_at_ms: now + 3_600_000,
-                        trace_id: id.clone(),
-                        delegation_json: None,
-                    };
-                    let head = OutHead {
-                        to_handle: "bob".into(),
-                        to_node: peer.clone(),
-                    };
-                    let bytes = wire::encode(&env);
-                    msgs.insert(
-                        id.as_str(),
-                        records::encode_outgoing(&head, &bytes).as_slice(),
-                    )?;
-                    outbox.insert((peer.as_str(), id.as_str()), (now + 3_600_000, 100))?;
-                }
-                // An index row whose envelope is gone (handed over by an
-                // older build's last transaction) queues nothing.
-                outbox.insert((peer.as_str(), "01KB00000000000000000000ZZ"), (now, 1))?;
-                Ok(())
-            })
-            .await
-            .unwrap();
-        drop(store);
-        w.join();
+        let (queued, peer) = (ids.clone(), peer.clone());
+        write_before_start(dir.path(), move |txn| {
+            let mut msgs = txn.open_table(OUT_MESSAGES)?;
+            let mut outbox = txn.open_table(OUTBOX)?;
+            for id in &queued {
+                let env = Envelope {
+                    id: id.clone(),
+                    created_at_ms: now,
+                    expires_at_ms: now + 3_600_000,
+                    ..envelope()
+                };
+                let head = OutHead {
+                    to_node: peer.clone(),
+                    ..head()
+                };
+                let bytes = wire::encode(&env);
+                msgs.insert(
+                    id.as_str(),
+                    records::encode_outgoing(&head, &bytes).as_slice(),
+                )?;
+                outbox.insert((peer.as_str(), id.as_str()), (now + 3_600_000, 100))?;
+            }
+            // An index row whose envelope is gone (handed over by an
+            // older build's last transaction) queues nothing.
+            outbox.insert((peer.as_str(), "01KB00000000000000000000ZZ"), (now, 1))?;
+            Ok(())
+        })
+        .await;
     }
-    let mut cfg = NodeConfig::local_test(dir.path());
-    cfg.api.enabled = false;
-    let node = Node::start(cfg).await.unwrap();
+    let node = start_node(dir.path()).await;
     let h = node.handle();
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let left = h
-            .store()
-            .read()
-            .unwrap()
-            .open_table(OUTBOX)
-            .unwrap()
-            .len()
-            .unwrap();
+        let left = rows(&h, OUTBOX);
         let (messages, _) = h.delivery().backlog().await.unwrap();
         if left == 0 && messages == ids.len() {
             break;
@@ -90,14 +68,7 @@ async fn queued_messages_replay_from_their_envelopes_and_the_old_index_is_emptie
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // The envelopes are still stored: they are the outbox now.
-    let stored = h
-        .store()
-        .read()
-        .unwrap()
-        .open_table(OUT_MESSAGES)
-        .unwrap()
-        .len()
-        .unwrap();
+    let stored = rows(&h, OUT_MESSAGES);
     assert_eq!(stored as usize, ids.len());
     drop(h);
     node.shutdown().await;
@@ -122,50 +93,36 @@ async fn receipts_of_schema_4_move_into_a_row_per_node_and_are_queued() {
         at_ms: 5,
     };
     {
-        let (store, w) = Store::open(dir.path()).unwrap();
         let (p, q) = (p.clone(), q.clone());
-        store
-            .write(move |txn| {
-                let mut t = txn.open_table(RECEIPTS_OUT)?;
-                for (node, i) in [(&p, 1), (&q, 2), (&p, 3), (&p, 4)] {
-                    let rc = receipt(i);
-                    t.insert(
-                        (node.as_str(), rc.message_id.as_str()),
-                        wire::encode(&rc).as_slice(),
-                    )?;
-                }
+        write_before_start(dir.path(), move |txn| {
+            let mut t = txn.open_table(RECEIPTS_OUT)?;
+            for (node, i) in [(&p, 1), (&q, 2), (&p, 3), (&p, 4)] {
+                let rc = receipt(i);
                 t.insert(
-                    (p.as_str(), "01KB00000000000000000000R9"),
-                    b"\xff".as_slice(),
+                    (node.as_str(), rc.message_id.as_str()),
+                    wire::encode(&rc).as_slice(),
                 )?;
-                Ok(())
-            })
-            .await
-            .unwrap();
-        drop(store);
-        w.join();
+            }
+            t.insert(
+                (p.as_str(), "01KB00000000000000000000R9"),
+                b"\xff".as_slice(),
+            )?;
+            Ok(())
+        })
+        .await;
     }
-    let mut cfg = NodeConfig::local_test(dir.path());
-    cfg.api.enabled = false;
-    let node = Node::start(cfg).await.unwrap();
+    let node = start_node(dir.path()).await;
     let h = node.handle();
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let left = h
-            .store()
-            .read()
-            .unwrap()
-            .open_table(RECEIPTS_OUT)
-            .unwrap()
-            .len()
-            .unwrap();
-        let (_, rows) = h.delivery().backlog().await.unwrap();
-        if left == 1 && rows == 2 {
+        let left = rows(&h, RECEIPTS_OUT);
+        let (_, queued) = h.delivery().backlog().await.unwrap();
+        if left == 1 && queued == 2 {
             break;
         }
         assert!(
             Instant::now() < deadline,
-            "old rows left: {left}; rows queued: {rows} (want 1 and 2)"
+            "old rows left: {left}; rows queued: {queued} (want 1 and 2)"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
