@@ -155,6 +155,10 @@ pub struct DeliveryConfig {
     pub retry_max: Duration,
     /// How long tracking of a finished message is kept.
     pub tracking_retention: Duration,
+    /// How long a delivered message's status waits in memory for its
+    /// receipt before it is written on its own (`delivery::handed`). Not
+    /// in the config file: a tuning of the write path.
+    pub hold_delivered: Duration,
 }
 
 impl NodeConfig {
@@ -442,6 +446,7 @@ impl Default for DeliveryConfig {
             retry_initial: Duration::from_millis(500),
             retry_max: Duration::from_secs(60),
             tracking_retention: Duration::from_secs(7 * 86_400),
+            hold_delivered: Duration::from_secs(1),
         }
     }
 }

@@ -37,6 +37,7 @@ mod ack;
 mod courier;
 mod ending;
 mod gc;
+mod handed;
 pub mod ids;
 mod inbox;
 mod lease;
@@ -146,6 +147,8 @@ struct Inner {
     ids: ids::IdGen,
     courier: mpsc::Sender<courier::Cmd>,
     inboxes: inbox::Inboxes,
+    /// Deliveries not yet written (`delivery::handed`).
+    handed: handed::Handed,
     /// Addresses last given to the swarm per peer (avoids re-teaching them per message).
     taught: std::sync::Mutex<std::collections::HashMap<PeerId, Vec<libp2p::Multiaddr>>>,
     /// Bytes of envelopes queued in memory (`queue::Cached`).
@@ -199,6 +202,7 @@ impl Delivery {
                 ids: ids::IdGen::default(),
                 courier: tx,
                 inboxes: inbox::Inboxes::default(),
+                handed: handed::Handed::default(),
                 taught: std::sync::Mutex::new(std::collections::HashMap::new()),
                 cached_bytes: Arc::default(),
                 stats: Stats::default(),

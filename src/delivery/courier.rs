@@ -14,7 +14,7 @@ use tracing::{Instrument, debug, warn};
 
 use super::queue::{Backoff, Item, Outbound, Queues};
 use super::records::{self, Progress, Status};
-use super::{DELIVER_DOMAIN, Delivery, RECEIPTS_DOMAIN, Stats, ids};
+use super::{DELIVER_DOMAIN, Delivery, RECEIPTS_DOMAIN, Stats, handed, ids};
 use crate::store::tables::{OUT_MESSAGES, OUT_STATUS, RECEIPT_BATCHES};
 use crate::time::now_ms;
 use crate::wire::envelope::{
@@ -188,6 +188,7 @@ pub(crate) async fn run(d: Delivery, mut rx: mpsc::Receiver<Cmd>, cancel: Cancel
             _ = sweep.tick() => {
                 expire(&d, &mut st).await;
                 d.save_leases().await;
+                d.save_deliveries(false).await;
             }
             _ = gc.tick() => {
                 let d = d.clone();
@@ -195,6 +196,9 @@ pub(crate) async fn run(d: Delivery, mut rx: mpsc::Receiver<Cmd>, cancel: Cancel
             }
         }
     }
+    // A graceful stop: what is held would otherwise be sent again at the
+    // next start (and show `queued` until then).
+    d.save_deliveries(true).await;
 }
 
 fn handle(d: &Delivery, st: &mut State, cmd: Cmd) {
@@ -491,59 +495,80 @@ async fn apply_outcomes(
     sent_at: u64,
 ) -> Result<(), crate::store::Error> {
     let node = peer.to_string();
-    let delivered = outcomes
-        .iter()
-        .filter(|o| !matches!(o, Outcome::Rejected(_)))
-        .count();
-    // Lazy (no fsync of its own): should a crash lose it, the envelopes
-    // come back, the messages go again and the receiver answers `Duplicate`.
-    // The next durable commit (any send) persists it.
-    let outs = d
+    let now = now_ms();
+    let (mut stored, mut rejected) = (Vec::with_capacity(outs.len()), Vec::new());
+    for (out, outcome) in outs.into_iter().zip(outcomes) {
+        match outcome {
+            Outcome::Stored | Outcome::Duplicate => stored.push(out),
+            Outcome::Rejected(why) => rejected.push((out, why)),
+        }
+    }
+    let delivered = stored.len();
+    // Held in memory until the receipt (`delivery::handed`); what does
+    // not fit is written now.
+    let overflow: Vec<handed::Held> = d
         .inner
-        .store
-        .write_lazy(move |txn| {
-            let mut status = txn.open_table(OUT_STATUS)?;
-            let mut msgs = txn.open_table(OUT_MESSAGES)?;
-            let now = now_ms();
-            for (out, outcome) in outs.iter().zip(outcomes) {
-                let mut p =
-                    Progress::load_since(&status, &out.id, out.summary.created_at_ms, out.since)?;
-                if p.status.is_final() {
-                    continue;
-                }
-                p.attempts += 1;
-                p.advance(Status::Sent, sent_at, None);
-                let _ = match outcome {
-                    Outcome::Stored | Outcome::Duplicate => p.advance(Status::Delivered, now, None),
-                    Outcome::Rejected(Rejection::Expired) => p.advance(
-                        Status::Expired,
-                        now,
-                        Some("expired before it reached the recipient".into()),
-                    ),
-                    Outcome::Rejected(Rejection::Denied(why)) => {
-                        p.advance(Status::Denied, now, Some(why))
-                    }
-                    Outcome::Rejected(Rejection::UnknownRecipient) => p.advance(
-                        Status::Failed,
-                        now,
-                        Some(format!(
-                            "agent {} is not registered on node {node}",
-                            out.summary.to
-                        )),
-                    ),
-                    Outcome::Rejected(Rejection::Invalid(why)) => {
-                        p.advance(Status::Failed, now, Some(why))
-                    }
-                };
-                // Delivered or final: the envelope is no longer needed.
-                records::hand_over_and_write(&mut status, &mut msgs, &out.id, &p, &out.summary)?;
-            }
-            // Back to this side to be freed where they were allocated (a
-            // cross-thread free per string otherwise).
-            Ok(outs)
+        .handed
+        .hold(stored, sent_at, now)
+        .into_iter()
+        .map(|out| handed::Held {
+            out,
+            sent_at,
+            at: now,
         })
-        .await?;
-    drop(outs);
+        .collect();
+    if !rejected.is_empty() || !overflow.is_empty() {
+        // Lazy (no fsync of its own): should a crash lose it, the envelopes
+        // come back, the messages go again and the receiver answers
+        // `Duplicate`. The next durable commit (any send) persists it.
+        let written = d
+            .inner
+            .store
+            .write_lazy(move |txn| {
+                handed::write_delivered(txn, &overflow)?;
+                let mut status = txn.open_table(OUT_STATUS)?;
+                let mut msgs = txn.open_table(OUT_MESSAGES)?;
+                for (out, why) in &rejected {
+                    let mut p = Progress::load_since(
+                        &status,
+                        &out.id,
+                        out.summary.created_at_ms,
+                        out.since,
+                    )?;
+                    if p.status.is_final() {
+                        continue;
+                    }
+                    p.attempts += 1;
+                    p.advance(Status::Sent, sent_at, None);
+                    let (to, detail) = match why {
+                        Rejection::Expired => (
+                            Status::Expired,
+                            "expired before it reached the recipient".to_string(),
+                        ),
+                        Rejection::Denied(why) => (Status::Denied, why.clone()),
+                        Rejection::UnknownRecipient => (
+                            Status::Failed,
+                            format!("agent {} is not registered on node {node}", out.summary.to),
+                        ),
+                        Rejection::Invalid(why) => (Status::Failed, why.clone()),
+                    };
+                    p.advance(to, now, Some(detail));
+                    // Final: the envelope is no longer needed.
+                    records::hand_over_and_write(
+                        &mut status,
+                        &mut msgs,
+                        &out.id,
+                        &p,
+                        &out.summary,
+                    )?;
+                }
+                // Back to this side to be freed where they were allocated (a
+                // cross-thread free per string otherwise).
+                Ok((overflow, rejected))
+            })
+            .await?;
+        drop(written);
+    }
     Stats::add(&d.inner.stats.delivered, delivered);
     Ok(())
 }

@@ -26,9 +26,21 @@ pub struct MessageView {
 impl Delivery {
     /// Status and history of a message sent from this node.
     pub fn message(&self, id: &str) -> Result<MessageView, Error> {
+        // Before the read: a held delivery is released only once its row
+        // is written, so one of the two sees it.
+        let held = self.inner.handed.get(id);
         let r = self.inner.store.read()?;
         let status = r.open_table(OUT_STATUS)?;
-        let progress = read_progress(&status, id)?;
+        let progress = match (read_progress(&status, id)?, held) {
+            // A row with a summary was written at or after the delivery.
+            (Some(p), _) if p.summary.is_some() || p.status.is_final() => Some(p),
+            (p, Some(h)) => {
+                let mut p = p.unwrap_or_else(|| Progress::queued(h.out.summary.created_at_ms));
+                h.record(&mut p);
+                Some(p)
+            }
+            (p, None) => p,
+        };
         let msgs = r.open_table(OUT_MESSAGES)?;
         let (summary, progress) = summary_of(&status, &msgs, id, progress)?;
         let tracking = Tracking::from_parts(&summary, progress);
@@ -85,6 +97,13 @@ impl Delivery {
         receipts: Vec<Receipt>,
     ) -> Result<(), Error> {
         let node = peer.to_string();
+        // Deliveries held in memory (`delivery::handed`): their status row
+        // is written here for the first time, with every step.
+        let held = self
+            .inner
+            .handed
+            .take(receipts.iter().map(|rc| rc.message_id.as_str()));
+        let inside = held.clone();
         let applied = self
             .inner
             .store
@@ -92,9 +111,36 @@ impl Delivery {
                 let mut msgs = txn.open_table(OUT_MESSAGES)?;
                 let mut status = txn.open_table(OUT_STATUS)?;
                 let mut applied = 0usize;
-                for rc in receipts {
+                for (rc, held) in receipts.into_iter().zip(&inside) {
                     let id = rc.message_id.as_str();
                     let at = rc.at_ms.min(now_ms());
+                    if let Some(h) = held {
+                        let out = &h.out;
+                        if !issued_by(id, &out.summary.to_node, &node) {
+                            continue;
+                        }
+                        let mut p = Progress::load_since(
+                            &status,
+                            id,
+                            out.summary.created_at_ms,
+                            out.since,
+                        )?;
+                        if p.status.is_final() {
+                            continue;
+                        }
+                        h.record(&mut p);
+                        if apply_kind(&mut p, rc.kind, at) {
+                            records::hand_over_and_write(
+                                &mut status,
+                                &mut msgs,
+                                id,
+                                &p,
+                                &out.summary,
+                            )?;
+                            applied += 1;
+                        }
+                        continue;
+                    }
                     let got = status.get(id)?;
                     // The common case, a message delivered before: its
                     // summary is read in place and written back as it is.
@@ -127,8 +173,11 @@ impl Delivery {
                 }
                 Ok(applied)
             })
-            .await?;
-        Stats::add(&self.inner.stats.receipts_applied, applied);
+            .await;
+        // Written, or not (the receipt comes again, and finds the envelope
+        // row still there).
+        self.inner.handed.release(held.iter().flatten());
+        Stats::add(&self.inner.stats.receipts_applied, applied?);
         Ok(())
     }
 }

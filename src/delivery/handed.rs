@@ -1,0 +1,379 @@
+//! Deliveries recorded late. When a recipient's node confirms that it
+//! stored a message, the sender holds that fact in memory; the message's
+//! status row is written once, with its final state, when the receipt
+//! comes (usually milliseconds later), and carries the `sent` and
+//! `delivered` steps with it. A delivery whose receipt takes longer than
+//! `DeliveryConfig::hold_delivered` (1 s) is written by the courier's
+//! sweep, and a graceful stop writes every one still held.
+//!
+//! Before, every delivery wrote the status row (with the message's
+//! summary) and removed the envelope row, and the receipt read the status
+//! row back and wrote it again: two writes and a read per message where
+//! one write does.
+//!
+//! Until it is written, a held delivery keeps its envelope row in the
+//! outbox (`OUT_MESSAGES`): a crash loses nothing but the `delivered`
+//! step, the restart sends the message again, and the recipient's node
+//! answers that it has it already (`Duplicate`), which records the step
+//! anew. Status queries look here before the database, so a held message
+//! shows `delivered`.
+
+use std::borrow::Borrow;
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::sync::{Arc, Mutex};
+
+use foldhash::fast::RandomState;
+
+use super::Delivery;
+use super::queue::Outbound;
+use super::records::{self, Progress, Status};
+use crate::store::tables::{OUT_MESSAGES, OUT_STATUS};
+use crate::time::now_ms;
+
+/// Most deliveries held at once (each keeps its `Outbound`, envelope
+/// included, alive); beyond it a delivery is written at once, as before.
+pub(super) const MAX_HELD: usize = 8192;
+
+/// A delivery not yet written.
+#[derive(Debug, Clone)]
+pub(super) struct Held {
+    pub out: Arc<Outbound>,
+    /// When the batch that carried it was sent, ms.
+    pub sent_at: u64,
+    /// When the recipient's node confirmed it, ms.
+    pub at: u64,
+}
+
+impl Held {
+    /// Add the attempt and the `sent` and `delivered` steps to `p`.
+    pub fn record<S>(&self, p: &mut Progress<S>) {
+        record(p, self.sent_at, self.at);
+    }
+}
+
+/// One delivery attempt that reached the recipient's node: `sent` at
+/// `sent_at`, `delivered` at `at`.
+fn record<S>(p: &mut Progress<S>, sent_at: u64, at: u64) {
+    p.attempts += 1;
+    p.advance(Status::Sent, sent_at, None);
+    p.advance(Status::Delivered, at, None);
+}
+
+/// A held delivery keyed by its message id (no copy of the id).
+struct Key(Arc<Outbound>);
+
+impl Borrow<str> for Key {
+    fn borrow(&self) -> &str {
+        &self.0.id
+    }
+}
+impl Hash for Key {
+    fn hash<H: Hasher>(&self, h: &mut H) {
+        self.0.id.as_str().hash(h)
+    }
+}
+impl PartialEq for Key {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.id == other.0.id
+    }
+}
+impl Eq for Key {}
+
+#[derive(Clone, Copy)]
+struct Slot {
+    sent_at: u64,
+    at: u64,
+    /// Being written (by a receipt or the sweep): nobody else writes it.
+    taken: bool,
+}
+
+/// The deliveries held, by message id.
+#[derive(Default)]
+pub(super) struct Handed {
+    held: Mutex<HashMap<Key, Slot, RandomState>>,
+}
+
+impl Handed {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Slot, RandomState>> {
+        self.held.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Hold `outs`, sent at `sent_at` and confirmed at `at`; returns those
+    /// that did not fit, for the caller to write.
+    pub fn hold(&self, outs: Vec<Arc<Outbound>>, sent_at: u64, at: u64) -> Vec<Arc<Outbound>> {
+        let mut held = self.lock();
+        let room = MAX_HELD.saturating_sub(held.len());
+        let mut rest = Vec::new();
+        for (i, out) in outs.into_iter().enumerate() {
+            if i >= room {
+                rest.push(out);
+                continue;
+            }
+            let slot = Slot {
+                sent_at,
+                at,
+                taken: false,
+            };
+            // Held already (delivered twice): the first delivery counts.
+            held.entry(Key(out)).or_insert(slot);
+        }
+        rest
+    }
+
+    /// Take the held deliveries among `ids` for writing, one entry per id
+    /// (`None`: not held, or taken already). They stay visible to status
+    /// queries until [`Handed::release`].
+    pub fn take<'a>(&self, ids: impl Iterator<Item = &'a str>) -> Vec<Option<Held>> {
+        let mut held = self.lock();
+        if held.is_empty() {
+            return ids.map(|_| None).collect();
+        }
+        ids.map(|id| {
+            let (k, slot) = held.get_key_value(id)?;
+            if slot.taken {
+                return None;
+            }
+            let h = Held {
+                out: k.0.clone(),
+                sent_at: slot.sent_at,
+                at: slot.at,
+            };
+            if let Some(s) = held.get_mut(id) {
+                s.taken = true;
+            }
+            Some(h)
+        })
+        .collect()
+    }
+
+    /// Take every delivery held since before `before` (all of them with
+    /// `all`) that nobody is writing.
+    pub fn take_due(&self, before: u64, all: bool) -> Vec<Held> {
+        let mut held = self.lock();
+        held.iter_mut()
+            .filter(|(_, s)| !s.taken && (all || s.at < before))
+            .map(|(k, s)| {
+                s.taken = true;
+                Held {
+                    out: k.0.clone(),
+                    sent_at: s.sent_at,
+                    at: s.at,
+                }
+            })
+            .collect()
+    }
+
+    /// Forget what was taken once it is written, or could not be (the
+    /// envelope row is still there, so the next start sends it again).
+    pub fn release<'a>(&self, held: impl Iterator<Item = &'a Held>) {
+        let mut map = self.lock();
+        for h in held {
+            map.remove(h.out.id.as_str());
+        }
+    }
+
+    /// The held delivery of `id`, taken or not.
+    pub fn get(&self, id: &str) -> Option<Held> {
+        let held = self.lock();
+        held.get_key_value(id).map(|(k, s)| Held {
+            out: k.0.clone(),
+            sent_at: s.sent_at,
+            at: s.at,
+        })
+    }
+
+    /// Deliveries held.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+}
+
+impl Delivery {
+    /// Write held deliveries: those held for longer than
+    /// `hold_delivered`, or all of them with `all` (a graceful stop).
+    pub(super) async fn save_deliveries(&self, all: bool) {
+        let hold = self.inner.cfg.hold_delivered.as_millis() as u64;
+        let due = self
+            .inner
+            .handed
+            .take_due(now_ms().saturating_sub(hold), all);
+        if due.is_empty() {
+            return;
+        }
+        let n = due.len();
+        let inside = due.clone();
+        let r = self
+            .inner
+            .store
+            .write(move |txn| write_delivered(txn, &inside))
+            .await;
+        self.inner.handed.release(due.iter());
+        match r {
+            Ok(()) => tracing::debug!(deliveries = n, "held deliveries written"),
+            Err(e) => tracing::warn!(error = %e, deliveries = n, "cannot write held deliveries"),
+        }
+    }
+
+    /// Deliveries held in memory (see the module doc).
+    pub fn held_deliveries(&self) -> usize {
+        self.inner.handed.len()
+    }
+}
+
+/// Write `held` as delivered, handing each envelope over to its status
+/// row (the step as `courier::apply_outcomes` wrote it before).
+pub(super) fn write_delivered(
+    txn: &crate::store::Tx<'_>,
+    held: &[Held],
+) -> Result<(), crate::store::Error> {
+    let mut status = txn.open_table(OUT_STATUS)?;
+    let mut msgs = txn.open_table(OUT_MESSAGES)?;
+    for h in held {
+        let out = &h.out;
+        let mut p = Progress::load_since(&status, &out.id, out.summary.created_at_ms, out.since)?;
+        if p.status.is_final() {
+            continue;
+        }
+        h.record(&mut p);
+        records::hand_over_and_write(&mut status, &mut msgs, &out.id, &p, &out.summary)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+    use std::time::{Duration, Instant};
+
+    use crate::delivery::testing::{register, rows};
+    use crate::delivery::{SendRequest, Status, Tracking};
+    use crate::identity::AgentId;
+    use crate::routing::Address;
+    use crate::store::tables::{OUT_MESSAGES, OUT_STATUS};
+    use crate::{Node, NodeConfig, NodeHandle};
+
+    async fn node(dir: &Path, hold: Duration) -> Node {
+        let mut cfg = NodeConfig::local_test(dir);
+        cfg.api.enabled = false;
+        cfg.delivery.hold_delivered = hold;
+        Node::start(cfg).await.unwrap()
+    }
+
+    /// Poll the status of `id` until `done` holds (10 s at most).
+    async fn wait_for(h: &NodeHandle, id: &str, what: &str, done: impl Fn(&Tracking) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let t = h.delivery().message(id).unwrap().tracking;
+            if done(&t) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "never {what}: {t:?}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    fn steps(t: &Tracking) -> Vec<Status> {
+        t.history.iter().map(|h| h.status).collect()
+    }
+
+    /// A node holding deliveries for `hold`, agents alice and bob on it,
+    /// and one message from alice to bob: the node, bob, the message id.
+    async fn one_message(dir: &Path, hold: Duration) -> (Node, NodeHandle, AgentId, String) {
+        let n = node(dir, hold).await;
+        let h = n.handle();
+        let [alice, bob] = register(&h, ["alice", "bob"]).await;
+        let req = SendRequest::new(alice, Address::Agent(bob.clone()), "{\"n\":1}");
+        let id = h.delivery().send(req).await.unwrap().messages[0].0.clone();
+        (n, h, bob, id)
+    }
+
+    #[tokio::test]
+    async fn a_delivery_is_held_until_its_receipt_and_written_once_with_every_step() {
+        let dir = tempfile::tempdir().unwrap();
+        let (n, h, bob, id) = one_message(dir.path(), Duration::from_secs(3600)).await;
+        wait_for(&h, &id, "delivered", |t| t.status == Status::Delivered).await;
+        // Shown from memory: nothing written yet, the envelope still stored.
+        assert_eq!(h.delivery().held_deliveries(), 1);
+        assert_eq!(rows(&h, OUT_STATUS), 0);
+        assert_eq!(rows(&h, OUT_MESSAGES), 1);
+        let t = h.delivery().message(&id).unwrap().tracking;
+        assert_eq!(steps(&t), [Status::Queued, Status::Sent, Status::Delivered]);
+        assert_eq!(t.attempts, 1);
+
+        let got = h
+            .delivery()
+            .poll(&bob, Duration::from_secs(5), 10)
+            .await
+            .unwrap();
+        assert_eq!(got.len(), 1);
+        h.delivery()
+            .ack(&bob, &id, Some("{\"ok\":true}".into()))
+            .await
+            .unwrap();
+        wait_for(&h, &id, "processed", |t| t.status == Status::Processed).await;
+        let t = h.delivery().message(&id).unwrap().tracking;
+        assert_eq!(
+            steps(&t),
+            [
+                Status::Queued,
+                Status::Sent,
+                Status::Delivered,
+                Status::Processed
+            ]
+        );
+        assert_eq!(t.attempts, 1);
+        assert_eq!(t.result_json.as_deref(), Some("{\"ok\":true}"));
+        // One status row, the envelope handed over, nothing held.
+        assert_eq!(rows(&h, OUT_STATUS), 1);
+        assert_eq!(rows(&h, OUT_MESSAGES), 0);
+        assert_eq!(h.delivery().held_deliveries(), 0);
+        drop(h);
+        n.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn a_delivery_without_a_receipt_is_written_by_the_sweep() {
+        let dir = tempfile::tempdir().unwrap();
+        let (n, h, _, id) = one_message(dir.path(), Duration::from_millis(50)).await;
+        // Bob never polls: the sweep (every 0.5 s) writes the step.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while rows(&h, OUT_STATUS) == 0 {
+            assert!(
+                Instant::now() < deadline,
+                "the sweep never wrote the delivery"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        wait_for(&h, &id, "released", |_| h.delivery().held_deliveries() == 0).await;
+        assert_eq!(rows(&h, OUT_MESSAGES), 0);
+        let t = h.delivery().message(&id).unwrap().tracking;
+        assert_eq!(steps(&t), [Status::Queued, Status::Sent, Status::Delivered]);
+        assert_eq!(t.attempts, 1);
+        drop(h);
+        n.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn a_graceful_stop_writes_held_deliveries_so_nothing_is_sent_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let (n, h, _, id) = one_message(dir.path(), Duration::from_secs(3600)).await;
+        wait_for(&h, &id, "delivered", |t| t.status == Status::Delivered).await;
+        assert_eq!(rows(&h, OUT_STATUS), 0);
+        drop(h);
+        n.shutdown().await;
+
+        let n = node(dir.path(), Duration::from_secs(3600)).await;
+        let h = n.handle();
+        // Written at the stop: the outbox is empty, so the start queues
+        // nothing to send again.
+        assert_eq!(rows(&h, OUT_MESSAGES), 0);
+        assert_eq!(rows(&h, OUT_STATUS), 1);
+        assert_eq!(h.delivery().backlog().await.unwrap(), (0, 0));
+        let t = h.delivery().message(&id).unwrap().tracking;
+        assert_eq!(t.status, Status::Delivered);
+        assert_eq!(steps(&t), [Status::Queued, Status::Sent, Status::Delivered]);
+        drop(h);
+        n.shutdown().await;
+    }
+}
