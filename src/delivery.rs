@@ -43,6 +43,7 @@ mod inbox;
 mod lease;
 pub mod queue;
 pub mod records;
+mod routes;
 mod send;
 #[cfg(test)]
 pub(crate) mod testing;
@@ -209,6 +210,8 @@ impl Delivery {
             }),
         };
         d.load_inboxes()?;
+        // Status rows name their route; reading them needs every route.
+        routes::load(&d.inner.store).map_err(Error::Store)?;
         // The courier reads the outbox itself, beside the node's start.
         let task = courier::run(d.clone(), rx, cancel);
         Ok((d, task))

@@ -53,7 +53,7 @@ use wal::Wal;
 /// File name of the database inside the data dir.
 pub const DB_FILE: &str = "agentmesh.redb";
 /// The schema this build reads and writes.
-pub const SCHEMA_VERSION: u32 = 5;
+pub const SCHEMA_VERSION: u32 = 6;
 /// redb's page cache (its default is 1 GiB). The memtables hold what was
 /// written since the last checkpoint, so redb's cache serves point reads
 /// (duplicate checks, status queries) and scans; a start that scans 100k
@@ -453,6 +453,8 @@ fn check_schema(db: &Database, path: &Path) -> Result<(), OpenError> {
                     // node empties it at start (after the log's replay).
                     // Schema 4 → 5 neither: the node moves the receipts
                     // of `RECEIPTS_OUT` into `RECEIPT_BATCHES` at start.
+                    // Schema 5 → 6 neither: status rows with a route
+                    // (`delivery::routes`) are new, older ones still read.
                     // The bump keeps older builds, which cannot read
                     // schema 3's status rows, or would find no outbox or
                     // no receipts and never send them, from opening the

@@ -324,13 +324,13 @@ async fn send_messages(
         d.inner
             .store
             .write_lazy(move |txn| {
-                let mut status = txn.open_table(OUT_STATUS)?;
+                let mut t = records::StatusTables::open(txn)?;
                 let mut msgs = txn.open_table(OUT_MESSAGES)?;
                 for id in &finished {
-                    let mut p = Progress::load(&status, id, 0)?;
+                    let mut p = Progress::load(&t.status, id, 0)?;
                     if p.summary.is_none() {
                         records::hand_over(&mut msgs, id, &mut p, None)?;
-                        status.insert_with(id.as_str(), |b| wire::encode_into(b, &p))?;
+                        t.put(id, &p, p.summary.as_ref())?;
                     }
                 }
                 Ok(())
@@ -442,16 +442,16 @@ async fn note_failure(d: &Delivery, outs: &[Arc<Outbound>], error: &str) {
         .inner
         .store
         .write_lazy(move |txn| {
-            let mut t = txn.open_table(OUT_STATUS)?;
+            let mut t = records::StatusTables::open(txn)?;
             for (id, created) in &ids {
-                let mut p = Progress::load(&t, id, *created)?;
+                let mut p = Progress::load(&t.status, id, *created)?;
                 if p.status.is_final() {
                     continue;
                 }
                 p.attempts += 1;
                 p.last_error = Some(error.clone());
                 p.advance(Status::Sent, now_ms(), None);
-                t.insert_with(id.as_str(), |b| wire::encode_into(b, &p))?;
+                t.put(id, &p, p.summary.as_ref())?;
             }
             Ok(())
         })
@@ -526,11 +526,11 @@ async fn apply_outcomes(
             .store
             .write_lazy(move |txn| {
                 handed::write_delivered(txn, &overflow)?;
-                let mut status = txn.open_table(OUT_STATUS)?;
+                let mut t = records::StatusTables::open(txn)?;
                 let mut msgs = txn.open_table(OUT_MESSAGES)?;
                 for (out, why) in &rejected {
                     let mut p = Progress::load_since(
-                        &status,
+                        &t.status,
                         &out.id,
                         out.summary.created_at_ms,
                         out.since,
@@ -554,13 +554,7 @@ async fn apply_outcomes(
                     };
                     p.advance(to, now, Some(detail));
                     // Final: the envelope is no longer needed.
-                    records::hand_over_and_write(
-                        &mut status,
-                        &mut msgs,
-                        &out.id,
-                        &p,
-                        &out.summary,
-                    )?;
+                    records::hand_over_and_write(&mut t, &mut msgs, &out.id, &p, &out.summary)?;
                 }
                 // Back to this side to be freed where they were allocated (a
                 // cross-thread free per string otherwise).
@@ -669,11 +663,11 @@ async fn expire(d: &Delivery, st: &mut State) {
         .inner
         .store
         .write(move |txn| {
-            let mut status = txn.open_table(OUT_STATUS)?;
+            let mut t = records::StatusTables::open(txn)?;
             let mut msgs = txn.open_table(OUT_MESSAGES)?;
             for (_, item) in &gone {
                 let created = ids::time_of(&item.id).unwrap_or(now);
-                let mut p = Progress::load(&status, &item.id, created)?;
+                let mut p = Progress::load(&t.status, &item.id, created)?;
                 let detail = match &p.last_error {
                     Some(e) => format!("TTL elapsed before delivery (last error: {e})"),
                     None => "TTL elapsed before delivery".to_string(),
@@ -681,7 +675,7 @@ async fn expire(d: &Delivery, st: &mut State) {
                 if p.advance(Status::Expired, now, Some(detail)) {
                     let known = item.env.as_ref().map(|c| &c.outbound().summary);
                     records::hand_over(&mut msgs, &item.id, &mut p, known)?;
-                    status.insert_with(item.id.as_str(), |b| wire::encode_into(b, &p))?;
+                    t.put(&item.id, &p, p.summary.as_ref())?;
                 }
             }
             Ok(())

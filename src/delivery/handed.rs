@@ -28,7 +28,7 @@ use foldhash::fast::RandomState;
 use super::Delivery;
 use super::queue::Outbound;
 use super::records::{self, Progress, Status};
-use crate::store::tables::{OUT_MESSAGES, OUT_STATUS};
+use crate::store::tables::OUT_MESSAGES;
 use crate::time::now_ms;
 
 /// Most deliveries held at once (each keeps its `Outbound`, envelope
@@ -227,16 +227,16 @@ pub(super) fn write_delivered(
     txn: &crate::store::Tx<'_>,
     held: &[Held],
 ) -> Result<(), crate::store::Error> {
-    let mut status = txn.open_table(OUT_STATUS)?;
+    let mut t = records::StatusTables::open(txn)?;
     let mut msgs = txn.open_table(OUT_MESSAGES)?;
     for h in held {
         let out = &h.out;
-        let mut p = Progress::load_since(&status, &out.id, out.summary.created_at_ms, out.since)?;
+        let mut p = Progress::load_since(&t.status, &out.id, out.summary.created_at_ms, out.since)?;
         if p.status.is_final() {
             continue;
         }
         h.record(&mut p);
-        records::hand_over_and_write(&mut status, &mut msgs, &out.id, &p, &out.summary)?;
+        records::hand_over_and_write(&mut t, &mut msgs, &out.id, &p, &out.summary)?;
     }
     Ok(())
 }

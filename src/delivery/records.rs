@@ -8,6 +8,8 @@ use crate::identity::AgentId;
 use crate::store;
 use crate::wire::{self, Envelope};
 
+pub(crate) use super::routes::StatusTables;
+
 /// Most history entries kept per message (the first and the latest win).
 const MAX_HISTORY: usize = 32;
 
@@ -279,6 +281,9 @@ impl Progress {
 
     /// Decode an `OUT_STATUS` value, in this schema's layout or schema 2's.
     pub fn decode(bytes: &[u8]) -> Result<Self, store::Error> {
+        if let Some((&super::routes::TAG, rest)) = bytes.split_first() {
+            return super::routes::decode(rest);
+        }
         match decode("out_status", bytes) {
             Ok(p) => Ok(p),
             Err(e) => match wire::decode::<ProgressV2>(bytes, wire::MAX_FRAME_BYTES) {
@@ -424,43 +429,50 @@ pub fn hand_over(
     msgs.discard(id)
 }
 
-/// A [`Progress`] serialized with a borrowed summary: the same bytes,
-/// without cloning the summary's strings into it first.
+/// A [`Progress`] serialized with the summary given apart (borrowed, or
+/// another layout's): the same bytes as a `Progress` holding it, without
+/// cloning anything into one first.
 #[derive(Serialize)]
-struct ProgressRef<'a> {
+pub(crate) struct ProgressRef<'a, T> {
     status: Status,
     attempts: u32,
     updated_at_ms: u64,
     history: &'a [HistoryEntry],
     last_error: &'a Option<String>,
     result_json: &'a Option<String>,
-    summary: Option<&'a Summary>,
+    summary: Option<T>,
+}
+
+impl<'a, T> ProgressRef<'a, T> {
+    /// `p`'s fields with `summary` in place of its own.
+    pub(crate) fn of<S>(p: &'a Progress<S>, summary: Option<T>) -> Self {
+        ProgressRef {
+            status: p.status,
+            attempts: p.attempts,
+            updated_at_ms: p.updated_at_ms,
+            history: &p.history,
+            last_error: &p.last_error,
+            result_json: &p.result_json,
+            summary,
+        }
+    }
 }
 
 /// [`hand_over`] with the summary the caller holds (its queue item, read
 /// from the row), and write `p` to `OUT_STATUS` in the same go: the
 /// summary is encoded from where it is, not cloned into `p`.
-pub fn hand_over_and_write(
-    status: &mut store::Table<'_, &'static str, &'static [u8]>,
+pub(crate) fn hand_over_and_write(
+    t: &mut StatusTables<'_>,
     msgs: &mut store::Table<'_, &'static str, &'static [u8]>,
     id: &str,
     p: &Progress,
     known: &Summary,
 ) -> Result<(), store::Error> {
-    if p.summary.is_some() {
+    if let Some(s) = &p.summary {
         // Handed over before.
-        return status.insert_with(id, |b| wire::encode_into(b, p));
+        return t.put(id, p, Some(s));
     }
-    let r = ProgressRef {
-        status: p.status,
-        attempts: p.attempts,
-        updated_at_ms: p.updated_at_ms,
-        history: &p.history,
-        last_error: &p.last_error,
-        result_json: &p.result_json,
-        summary: Some(known),
-    };
-    status.insert_with(id, |b| wire::encode_into(b, &r))?;
+    t.put(id, p, Some(known))?;
     msgs.discard(id)
 }
 

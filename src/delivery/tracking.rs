@@ -109,7 +109,7 @@ impl Delivery {
             .store
             .write(move |txn| {
                 let mut msgs = txn.open_table(OUT_MESSAGES)?;
-                let mut status = txn.open_table(OUT_STATUS)?;
+                let mut t = records::StatusTables::open(txn)?;
                 let mut applied = 0usize;
                 for (rc, held) in receipts.into_iter().zip(&inside) {
                     let id = rc.message_id.as_str();
@@ -120,7 +120,7 @@ impl Delivery {
                             continue;
                         }
                         let mut p = Progress::load_since(
-                            &status,
+                            &t.status,
                             id,
                             out.summary.created_at_ms,
                             out.since,
@@ -130,24 +130,18 @@ impl Delivery {
                         }
                         h.record(&mut p);
                         if apply_kind(&mut p, rc.kind, at) {
-                            records::hand_over_and_write(
-                                &mut status,
-                                &mut msgs,
-                                id,
-                                &p,
-                                &out.summary,
-                            )?;
+                            records::hand_over_and_write(&mut t, &mut msgs, id, &p, &out.summary)?;
                             applied += 1;
                         }
                         continue;
                     }
-                    let got = status.get(id)?;
+                    let got = t.status.get(id)?;
                     // The common case, a message delivered before: its
                     // summary is read in place and written back as it is.
                     if let Some(mut p) = got.as_ref().and_then(|v| Progress::borrowed(v.value())) {
                         let to_node = p.summary.as_ref().map_or("", |s| s.to_node);
                         if issued_by(id, to_node, &node) && apply_kind(&mut p, rc.kind, at) {
-                            status.insert_with(id, |b| wire::encode_into(b, &p))?;
+                            t.status.insert_with(id, |b| wire::encode_into(b, &p))?;
                             applied += 1;
                         }
                         continue;
@@ -167,7 +161,7 @@ impl Delivery {
                     if issued_by(id, &to_node, &node) && apply_kind(&mut p, rc.kind, at) {
                         // Every receipt is final: the envelope goes.
                         records::hand_over(&mut msgs, id, &mut p, None)?;
-                        status.insert_with(id, |b| wire::encode_into(b, &p))?;
+                        t.put(id, &p, p.summary.as_ref())?;
                         applied += 1;
                     }
                 }
@@ -298,11 +292,11 @@ mod tests {
         let known = summary.clone();
         store
             .write(move |txn| {
-                let mut status = txn.open_table(OUT_STATUS)?;
+                let mut t = records::StatusTables::open(txn)?;
                 let mut msgs = txn.open_table(OUT_MESSAGES)?;
                 let mut p = Progress::queued(1);
                 p.advance(Status::Delivered, 2, None);
-                records::hand_over_and_write(&mut status, &mut msgs, "m1", &p, &known)
+                records::hand_over_and_write(&mut t, &mut msgs, "m1", &p, &known)
             })
             .await
             .unwrap();

@@ -21,6 +21,9 @@ pub(crate) const OUT_MESSAGES: TableDefinition<&str, &[u8]> = TableDefinition::n
 /// over the summary), by message id; no row while a message is still
 /// queued (`delivery::records::Progress`).
 pub(crate) const OUT_STATUS: TableDefinition<&str, &[u8]> = TableDefinition::new("out_status");
+/// Route id → route (`delivery::routes`): what every message between two
+/// agents shares, stored once.
+pub(crate) const OUT_ROUTES: TableDefinition<u64, &[u8]> = TableDefinition::new("out_routes");
 /// Schema 3 and earlier: `(recipient node, message id)` → `(expiry ms,
 /// size)` for every message not yet handed over, an index of what
 /// `OUT_MESSAGES` holds anyway (its head names the node). No longer
@@ -75,6 +78,7 @@ macro_rules! every_table {
             REGISTRY,
             OUT_MESSAGES,
             OUT_STATUS,
+            OUT_ROUTES,
             OUTBOX,
             IDEMPOTENCY,
             REPLIES,

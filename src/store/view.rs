@@ -141,6 +141,13 @@ impl<'a, K: Key + 'static, V: Value + 'static> View<'a, K, V> {
         self.layers.get(self.name(), key)
     }
 
+    /// Whether a memtable (or the running batch) holds a value for `key`:
+    /// one written since the last checkpoint.
+    pub fn in_memtable<'k>(&self, key: impl Borrow<K::SelfType<'k>>) -> bool {
+        self.in_memory(K::as_bytes(key.borrow()).as_ref())
+            .is_some_and(|s| s.value.is_some())
+    }
+
     /// The value stored under `key`.
     pub fn get<'k>(&self, key: impl Borrow<K::SelfType<'k>>) -> Result<Option<Got<V>>, Error> {
         self.get_written_since(key, None)
