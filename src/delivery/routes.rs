@@ -147,7 +147,18 @@ pub(crate) fn load(store: &store::Store) -> Result<usize, store::Error> {
     for row in t.iter()? {
         let (k, v) = row?;
         let route: Route = records::decode("out_routes", v.value())?;
-        map.entry(k.value()).or_insert_with(|| Arc::new(route));
+        let id = k.value();
+        let kept = map.entry(id).or_insert_with(|| Arc::new(route.clone()));
+        if **kept != route {
+            // Another database of this process has a different route under
+            // the same 64-bit id (a hash collision): rows naming it would
+            // read the other route's agents. Written rows avoid this (see
+            // the module doc); two databases in one process cannot.
+            tracing::error!(
+                route = format!("{id:016x}"),
+                "two databases in this process hold different routes with the same id; status queries of their messages may name the wrong agents"
+            );
+        }
         n += 1;
     }
     Ok(n)
