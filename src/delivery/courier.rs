@@ -355,9 +355,11 @@ async fn send_messages(
     Stats::add(&d.inner.stats.batches_sent, 1);
     answered.extend(outs.iter().map(|o| o.id.clone()));
     // The receiver has them: free the peer's queue for the next batch now
-    // and record the outcomes alongside. Should that write fail, the
-    // envelopes stay in the outbox and the messages go again (the receiver
-    // answers `Duplicate`), so requeue them.
+    // and record the outcomes alongside (deliveries are held in memory,
+    // `delivery::handed`; rejections, and deliveries beyond what can be
+    // held, are written). Should that write fail, the envelopes stay in
+    // the outbox and the messages go again (the receiver answers
+    // `Duplicate`), so requeue them.
     let d2 = d.clone();
     tokio::spawn(
         async move {

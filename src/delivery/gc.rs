@@ -173,8 +173,8 @@ fn tracking_chunk(
         rows.push((k.value().to_string(), v.value().to_vec()));
     }
     for (id, v) in &rows {
-        let p = Progress::decode(v)?;
-        if !p.status.is_final() || p.updated_at_ms.saturating_add(retention) > now {
+        let (status_now, updated_at_ms) = Progress::status_of(v)?;
+        if !status_now.is_final() || updated_at_ms.saturating_add(retention) > now {
             continue;
         }
         status.remove(id.as_str())?;

@@ -31,9 +31,14 @@ use super::records::{self, Progress, Status};
 use crate::store::tables::OUT_MESSAGES;
 use crate::time::now_ms;
 
-/// Most deliveries held at once (each keeps its `Outbound`, envelope
-/// included, alive); beyond it a delivery is written at once, as before.
+/// Most deliveries held at once, and most envelope bytes they keep alive
+/// (each keeps its `Outbound`); beyond either a delivery is written at
+/// once, as before.
 pub(super) const MAX_HELD: usize = 8192;
+pub(super) const MAX_HELD_BYTES: usize = 16 * 1024 * 1024;
+/// A delivery taken for a write that never finished (its task was
+/// dropped) is free for the sweep again after this long.
+const STALE_TAKE_MS: u64 = 30_000;
 
 /// A delivery not yet written.
 #[derive(Debug, Clone)]
@@ -46,9 +51,14 @@ pub(super) struct Held {
 }
 
 impl Held {
-    /// Add the attempt and the `sent` and `delivered` steps to `p`.
+    /// Add the attempt and the `sent` and `delivered` steps to `p`, unless
+    /// they are there already: a row with a summary was written by a
+    /// hand-over (this delivery's, by the sweep or another receipt, or a
+    /// final state's), which the writer thread orders before this one.
     pub fn record<S>(&self, p: &mut Progress<S>) {
-        record(p, self.sent_at, self.at);
+        if p.summary.is_none() {
+            record(p, self.sent_at, self.at);
+        }
     }
 }
 
@@ -84,63 +94,77 @@ impl Eq for Key {}
 struct Slot {
     sent_at: u64,
     at: u64,
-    /// Being written (by a receipt or the sweep): nobody else writes it.
-    taken: bool,
+    /// Taken for a write at this time (ms): the sweep leaves it alone.
+    taken_at: Option<u64>,
+}
+
+#[derive(Default)]
+struct Map {
+    held: HashMap<Key, Slot, RandomState>,
+    /// Envelope bytes the held deliveries keep alive.
+    bytes: usize,
+}
+
+impl Map {
+    fn held(k: &Key, s: &Slot) -> Held {
+        Held {
+            out: k.0.clone(),
+            sent_at: s.sent_at,
+            at: s.at,
+        }
+    }
 }
 
 /// The deliveries held, by message id.
 #[derive(Default)]
 pub(super) struct Handed {
-    held: Mutex<HashMap<Key, Slot, RandomState>>,
+    map: Mutex<Map>,
 }
 
 impl Handed {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Slot, RandomState>> {
-        self.held.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, Map> {
+        self.map.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Hold `outs`, sent at `sent_at` and confirmed at `at`; returns those
     /// that did not fit, for the caller to write.
     pub fn hold(&self, outs: Vec<Arc<Outbound>>, sent_at: u64, at: u64) -> Vec<Arc<Outbound>> {
-        let mut held = self.lock();
-        let room = MAX_HELD.saturating_sub(held.len());
+        let mut m = self.lock();
         let mut rest = Vec::new();
-        for (i, out) in outs.into_iter().enumerate() {
-            if i >= room {
+        for out in outs {
+            let size = out.bytes.len();
+            if m.held.len() >= MAX_HELD || m.bytes + size > MAX_HELD_BYTES {
                 rest.push(out);
                 continue;
             }
             let slot = Slot {
                 sent_at,
                 at,
-                taken: false,
+                taken_at: None,
             };
             // Held already (delivered twice): the first delivery counts.
-            held.entry(Key(out)).or_insert(slot);
+            if let std::collections::hash_map::Entry::Vacant(v) = m.held.entry(Key(out)) {
+                v.insert(slot);
+                m.bytes += size;
+            }
         }
         rest
     }
 
-    /// Take the held deliveries among `ids` for writing, one entry per id
-    /// (`None`: not held, or taken already). They stay visible to status
-    /// queries until [`Handed::release`].
+    /// The held deliveries among `ids`, one entry per id (`None`: not
+    /// held), marked taken. Taken or not before: two writers of one
+    /// delivery record it once (see [`Held::record`]).
     pub fn take<'a>(&self, ids: impl Iterator<Item = &'a str>) -> Vec<Option<Held>> {
-        let mut held = self.lock();
-        if held.is_empty() {
+        let mut m = self.lock();
+        if m.held.is_empty() {
             return ids.map(|_| None).collect();
         }
+        let now = now_ms();
         ids.map(|id| {
-            let (k, slot) = held.get_key_value(id)?;
-            if slot.taken {
-                return None;
-            }
-            let h = Held {
-                out: k.0.clone(),
-                sent_at: slot.sent_at,
-                at: slot.at,
-            };
-            if let Some(s) = held.get_mut(id) {
-                s.taken = true;
+            let (k, slot) = m.held.get_key_value(id)?;
+            let h = Map::held(k, slot);
+            if let Some(s) = m.held.get_mut(id) {
+                s.taken_at = Some(now);
             }
             Some(h)
         })
@@ -148,44 +172,54 @@ impl Handed {
     }
 
     /// Take every delivery held since before `before` (all of them with
-    /// `all`) that nobody is writing.
+    /// `all`) that no write has taken.
     pub fn take_due(&self, before: u64, all: bool) -> Vec<Held> {
-        let mut held = self.lock();
-        held.iter_mut()
-            .filter(|(_, s)| !s.taken && (all || s.at < before))
+        let mut m = self.lock();
+        let now = now_ms();
+        m.held
+            .iter_mut()
+            .filter(|(_, s)| {
+                s.taken_at
+                    .is_none_or(|t| now.saturating_sub(t) > STALE_TAKE_MS)
+                    && (all || s.at < before)
+            })
             .map(|(k, s)| {
-                s.taken = true;
-                Held {
-                    out: k.0.clone(),
-                    sent_at: s.sent_at,
-                    at: s.at,
-                }
+                s.taken_at = Some(now);
+                Map::held(k, s)
             })
             .collect()
     }
 
-    /// Forget what was taken once it is written, or could not be (the
-    /// envelope row is still there, so the next start sends it again).
+    /// Forget deliveries once their row is written (or found final).
     pub fn release<'a>(&self, held: impl Iterator<Item = &'a Held>) {
-        let mut map = self.lock();
+        let mut m = self.lock();
         for h in held {
-            map.remove(h.out.id.as_str());
+            if m.held.remove(h.out.id.as_str()).is_some() {
+                m.bytes = m.bytes.saturating_sub(h.out.bytes.len());
+            }
+        }
+    }
+
+    /// Give back deliveries taken for a write that failed or skipped them:
+    /// the sweep (or the next receipt) writes them.
+    pub fn untake<'a>(&self, held: impl Iterator<Item = &'a Held>) {
+        let mut m = self.lock();
+        for h in held {
+            if let Some(s) = m.held.get_mut(h.out.id.as_str()) {
+                s.taken_at = None;
+            }
         }
     }
 
     /// The held delivery of `id`, taken or not.
     pub fn get(&self, id: &str) -> Option<Held> {
-        let held = self.lock();
-        held.get_key_value(id).map(|(k, s)| Held {
-            out: k.0.clone(),
-            sent_at: s.sent_at,
-            at: s.at,
-        })
+        let m = self.lock();
+        m.held.get_key_value(id).map(|(k, s)| Map::held(k, s))
     }
 
     /// Deliveries held.
     pub fn len(&self) -> usize {
-        self.lock().len()
+        self.lock().held.len()
     }
 }
 
@@ -208,10 +242,16 @@ impl Delivery {
             .store
             .write(move |txn| write_delivered(txn, &inside))
             .await;
-        self.inner.handed.release(due.iter());
         match r {
-            Ok(()) => tracing::debug!(deliveries = n, "held deliveries written"),
-            Err(e) => tracing::warn!(error = %e, deliveries = n, "cannot write held deliveries"),
+            Ok(()) => {
+                self.inner.handed.release(due.iter());
+                tracing::debug!(deliveries = n, "held deliveries written");
+            }
+            Err(e) => {
+                // Held still: the next sweep tries again.
+                self.inner.handed.untake(due.iter());
+                tracing::warn!(error = %e, deliveries = n, "cannot write held deliveries");
+            }
         }
     }
 
@@ -375,5 +415,104 @@ mod tests {
         assert_eq!(steps(&t), [Status::Queued, Status::Sent, Status::Delivered]);
         drop(h);
         n.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn a_receipt_from_another_node_leaves_the_delivery_held() {
+        let dir = tempfile::tempdir().unwrap();
+        let (n, h, bob, id) = one_message(dir.path(), Duration::from_secs(3600)).await;
+        wait_for(&h, &id, "delivered", |t| t.status == Status::Delivered).await;
+        let stranger = libp2p::identity::Keypair::generate_ed25519()
+            .public()
+            .to_peer_id();
+        let forged = crate::wire::Receipt {
+            message_id: id.clone(),
+            kind: crate::wire::ReceiptKind::Processed { result_json: None },
+            at_ms: crate::time::now_ms(),
+        };
+        h.delivery()
+            .apply_receipt_list(stranger, vec![forged])
+            .await
+            .unwrap();
+        // Ignored, and still held: nothing written, still `delivered`.
+        assert_eq!(h.delivery().held_deliveries(), 1);
+        assert_eq!(rows(&h, OUT_STATUS), 0);
+        let t = h.delivery().message(&id).unwrap().tracking;
+        assert_eq!(t.status, Status::Delivered);
+        // The real receipt still records every step once.
+        h.delivery()
+            .poll(&bob, Duration::from_secs(5), 10)
+            .await
+            .unwrap();
+        h.delivery().ack(&bob, &id, None).await.unwrap();
+        wait_for(&h, &id, "processed", |t| t.status == Status::Processed).await;
+        let t = h.delivery().message(&id).unwrap().tracking;
+        assert_eq!(
+            steps(&t),
+            [
+                Status::Queued,
+                Status::Sent,
+                Status::Delivered,
+                Status::Processed
+            ]
+        );
+        assert_eq!(t.attempts, 1);
+        assert_eq!(h.delivery().held_deliveries(), 0);
+        drop(h);
+        n.shutdown().await;
+    }
+
+    fn outbound(id: &str, bytes: usize) -> std::sync::Arc<crate::delivery::queue::Outbound> {
+        use crate::delivery::records::tests::{envelope, head};
+        let env = crate::wire::Envelope {
+            id: id.into(),
+            ..envelope()
+        };
+        std::sync::Arc::new(crate::delivery::queue::Outbound::new(
+            &env,
+            &head(),
+            vec![0; bytes],
+        ))
+    }
+
+    #[test]
+    fn holding_is_bounded_by_count_and_by_envelope_bytes() {
+        let handed = super::Handed::default();
+        let big = super::MAX_HELD_BYTES / 2 + 1;
+        let rest = handed.hold(vec![outbound("a", big), outbound("b", big)], 1, 2);
+        // The second would pass the byte bound: written at once instead.
+        assert_eq!(rest.len(), 1);
+        assert_eq!(rest[0].id, "b");
+        assert_eq!(handed.len(), 1);
+        // Released, its bytes count no more.
+        let taken = handed.take(["a"].into_iter());
+        handed.release(taken.iter().flatten());
+        assert_eq!(handed.len(), 0);
+        assert!(handed.hold(vec![outbound("b", big)], 1, 2).is_empty());
+        let many: Vec<_> = (0..super::MAX_HELD + 1)
+            .map(|i| outbound(&format!("m{i}"), 1))
+            .collect();
+        let handed = super::Handed::default();
+        assert_eq!(handed.hold(many, 1, 2).len(), 1);
+        assert_eq!(handed.len(), super::MAX_HELD);
+    }
+
+    #[test]
+    fn a_delivery_is_recorded_once_whoever_writes_it_first() {
+        let h = super::Held {
+            out: outbound("m", 1),
+            sent_at: 5,
+            at: 6,
+        };
+        let mut p = crate::delivery::records::Progress::queued(1);
+        h.record(&mut p);
+        assert_eq!(p.attempts, 1);
+        assert_eq!(p.status, Status::Delivered);
+        // Written by a hand-over (the sweep's, say): the row has the
+        // summary, and the steps are not added again.
+        p.summary = Some(h.out.summary.clone());
+        h.record(&mut p);
+        assert_eq!(p.attempts, 1);
+        assert_eq!(p.history.len(), 3);
     }
 }

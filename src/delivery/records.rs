@@ -301,6 +301,15 @@ impl Progress {
         }
     }
 
+    /// A status row's status and last change, in any layout, without
+    /// resolving its summary.
+    pub fn status_of(bytes: &[u8]) -> Result<(Status, u64), store::Error> {
+        if let Some((&super::routes::TAG, rest)) = bytes.split_first() {
+            return super::routes::decode_status(rest);
+        }
+        Progress::decode(bytes).map(|p| (p.status, p.updated_at_ms))
+    }
+
     /// The stored progress of message `id` (queued at `created_at_ms`
     /// when none is stored yet).
     pub fn load(

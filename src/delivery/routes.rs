@@ -33,8 +33,8 @@ use crate::identity::AgentId;
 use crate::store::{self, Table};
 use crate::wire;
 
-/// First byte of a status row in this layout. No older layout can start
-/// with it: they start with the status, a variant index under 16.
+/// First byte of a status row in this layout. No older layout starts
+/// with it: their first byte is the wire format's version (1).
 pub(crate) const TAG: u8 = 0xA6;
 
 /// What a route row holds.
@@ -138,7 +138,8 @@ fn route_of(s: &Summary) -> Option<(u64, Option<Vec<u8>>)> {
 }
 
 /// Load the routes of a database into this process's map; returns how
-/// many there are. A row that does not decode is an error naming it.
+/// many there are. A row that does not decode is skipped, named in an
+/// error log.
 pub(crate) fn load(store: &store::Store) -> Result<usize, store::Error> {
     let r = store.read()?;
     let t = r.open_table(crate::store::tables::OUT_ROUTES)?;
@@ -146,8 +147,16 @@ pub(crate) fn load(store: &store::Store) -> Result<usize, store::Error> {
     let mut n = 0;
     for row in t.iter()? {
         let (k, v) = row?;
-        let route: Route = records::decode("out_routes", v.value())?;
         let id = k.value();
+        let route: Route = match records::decode("out_routes", v.value()) {
+            Ok(r) => r,
+            Err(e) => {
+                // Only the status rows naming it cannot be read (each
+                // query says so); the node itself can start.
+                tracing::error!(route = format!("{id:016x}"), error = %e, "a stored route does not decode; skipped");
+                continue;
+            }
+        };
         let kept = map.entry(id).or_insert_with(|| Arc::new(route.clone()));
         if **kept != route {
             // Another database of this process has a different route under
@@ -251,6 +260,13 @@ struct StoredSummary {
     trace_id: String,
     created_at_ms: u64,
     expires_at_ms: u64,
+}
+
+/// The status and last change of a status row of this layout (without
+/// its `TAG`), its route not looked up (garbage collection needs no more).
+pub(crate) fn decode_status(bytes: &[u8]) -> Result<(Status, u64), store::Error> {
+    let s: Stored = records::decode("out_status", bytes)?;
+    Ok((s.status, s.updated_at_ms))
 }
 
 /// Decode a status row of this layout (without its `TAG`).

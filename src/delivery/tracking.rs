@@ -104,14 +104,16 @@ impl Delivery {
             .handed
             .take(receipts.iter().map(|rc| rc.message_id.as_str()));
         let inside = held.clone();
-        let applied = self
+        let result = self
             .inner
             .store
             .write(move |txn| {
                 let mut msgs = txn.open_table(OUT_MESSAGES)?;
                 let mut t = records::StatusTables::open(txn)?;
                 let mut applied = 0usize;
-                for (rc, held) in receipts.into_iter().zip(&inside) {
+                // Which held deliveries this wrote (or found final).
+                let mut written = vec![false; inside.len()];
+                for ((rc, held), done) in receipts.into_iter().zip(&inside).zip(&mut written) {
                     let id = rc.message_id.as_str();
                     let at = rc.at_ms.min(now_ms());
                     if let Some(h) = held {
@@ -125,6 +127,7 @@ impl Delivery {
                             out.summary.created_at_ms,
                             out.since,
                         )?;
+                        *done = true;
                         if p.status.is_final() {
                             continue;
                         }
@@ -165,13 +168,26 @@ impl Delivery {
                         applied += 1;
                     }
                 }
-                Ok(applied)
+                Ok((applied, written))
             })
             .await;
-        // Written, or not (the receipt comes again, and finds the envelope
-        // row still there).
-        self.inner.handed.release(held.iter().flatten());
-        Stats::add(&self.inner.stats.receipts_applied, applied?);
+        let handed = &self.inner.handed;
+        let applied = match result {
+            Ok((applied, written)) => {
+                let mine = || held.iter().zip(&written);
+                handed.release(mine().filter(|(_, w)| **w).filter_map(|(h, _)| h.as_ref()));
+                // A receipt from a node the message did not go to: still
+                // held, for the sweep or the right receipt.
+                handed.untake(mine().filter(|(_, w)| !**w).filter_map(|(h, _)| h.as_ref()));
+                applied
+            }
+            Err(e) => {
+                // Held still; the receipt comes again.
+                handed.untake(held.iter().flatten());
+                return Err(e.into());
+            }
+        };
+        Stats::add(&self.inner.stats.receipts_applied, applied);
         Ok(())
     }
 }
