@@ -313,6 +313,39 @@ mod tests {
         }
     }
 
+    /// Bob takes message `id` and acks it with `result`; once the sender
+    /// shows it processed, its tracking, checked to hold every step once.
+    async fn ack_and_wait(
+        h: &NodeHandle,
+        bob: &AgentId,
+        id: &str,
+        result: Option<&str>,
+    ) -> Tracking {
+        let got = h
+            .delivery()
+            .poll(bob, Duration::from_secs(5), 10)
+            .await
+            .unwrap();
+        assert_eq!(got.len(), 1);
+        h.delivery()
+            .ack(bob, id, result.map(str::to_string))
+            .await
+            .unwrap();
+        wait_for(h, id, "processed", |t| t.status == Status::Processed).await;
+        let t = h.delivery().message(id).unwrap().tracking;
+        assert_eq!(
+            steps(&t),
+            [
+                Status::Queued,
+                Status::Sent,
+                Status::Delivered,
+                Status::Processed
+            ]
+        );
+        assert_eq!(t.attempts, 1);
+        t
+    }
+
     fn steps(t: &Tracking) -> Vec<Status> {
         t.history.iter().map(|h| h.status).collect()
     }
@@ -341,28 +374,7 @@ mod tests {
         assert_eq!(steps(&t), [Status::Queued, Status::Sent, Status::Delivered]);
         assert_eq!(t.attempts, 1);
 
-        let got = h
-            .delivery()
-            .poll(&bob, Duration::from_secs(5), 10)
-            .await
-            .unwrap();
-        assert_eq!(got.len(), 1);
-        h.delivery()
-            .ack(&bob, &id, Some("{\"ok\":true}".into()))
-            .await
-            .unwrap();
-        wait_for(&h, &id, "processed", |t| t.status == Status::Processed).await;
-        let t = h.delivery().message(&id).unwrap().tracking;
-        assert_eq!(
-            steps(&t),
-            [
-                Status::Queued,
-                Status::Sent,
-                Status::Delivered,
-                Status::Processed
-            ]
-        );
-        assert_eq!(t.attempts, 1);
+        let t = ack_and_wait(&h, &bob, &id, Some("{\"ok\":true}")).await;
         assert_eq!(t.result_json.as_deref(), Some("{\"ok\":true}"));
         // One status row, the envelope handed over, nothing held.
         assert_eq!(rows(&h, OUT_STATUS), 1);
@@ -440,23 +452,7 @@ mod tests {
         let t = h.delivery().message(&id).unwrap().tracking;
         assert_eq!(t.status, Status::Delivered);
         // The real receipt still records every step once.
-        h.delivery()
-            .poll(&bob, Duration::from_secs(5), 10)
-            .await
-            .unwrap();
-        h.delivery().ack(&bob, &id, None).await.unwrap();
-        wait_for(&h, &id, "processed", |t| t.status == Status::Processed).await;
-        let t = h.delivery().message(&id).unwrap().tracking;
-        assert_eq!(
-            steps(&t),
-            [
-                Status::Queued,
-                Status::Sent,
-                Status::Delivered,
-                Status::Processed
-            ]
-        );
-        assert_eq!(t.attempts, 1);
+        ack_and_wait(&h, &bob, &id, None).await;
         assert_eq!(h.delivery().held_deliveries(), 0);
         drop(h);
         n.shutdown().await;
