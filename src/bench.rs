@@ -17,7 +17,7 @@ pub mod delivery;
 pub mod discovery;
 pub mod footprint;
 pub mod limits;
-mod support;
+pub(crate) mod support;
 
 /// Errors of a benchmark run.
 #[derive(Debug, thiserror::Error)]

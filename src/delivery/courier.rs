@@ -496,7 +496,6 @@ async fn apply_outcomes(
     outcomes: Vec<Outcome>,
     sent_at: u64,
 ) -> Result<(), crate::store::Error> {
-    let node = peer.to_string();
     let now = now_ms();
     let (mut stored, mut rejected) = (Vec::with_capacity(outs.len()), Vec::new());
     for (out, outcome) in outs.into_iter().zip(outcomes) {
@@ -527,9 +526,9 @@ async fn apply_outcomes(
             .inner
             .store
             .write_lazy(move |txn| {
-                handed::write_delivered(txn, &overflow)?;
                 let mut t = records::StatusTables::open(txn)?;
                 let mut msgs = txn.open_table(OUT_MESSAGES)?;
+                handed::write_delivered(&mut t, &mut msgs, &overflow)?;
                 for (out, why) in &rejected {
                     let mut p = Progress::load_since(
                         &t.status,
@@ -550,7 +549,7 @@ async fn apply_outcomes(
                         Rejection::Denied(why) => (Status::Denied, why.clone()),
                         Rejection::UnknownRecipient => (
                             Status::Failed,
-                            format!("agent {} is not registered on node {node}", out.summary.to),
+                            format!("agent {} is not registered on node {peer}", out.summary.to),
                         ),
                         Rejection::Invalid(why) => (Status::Failed, why.clone()),
                     };

@@ -57,17 +57,11 @@ impl Held {
     /// final state's), which the writer thread orders before this one.
     pub fn record<S>(&self, p: &mut Progress<S>) {
         if p.summary.is_none() {
-            record(p, self.sent_at, self.at);
+            p.attempts += 1;
+            p.advance(Status::Sent, self.sent_at, None);
+            p.advance(Status::Delivered, self.at, None);
         }
     }
-}
-
-/// One delivery attempt that reached the recipient's node: `sent` at
-/// `sent_at`, `delivered` at `at`.
-fn record<S>(p: &mut Progress<S>, sent_at: u64, at: u64) {
-    p.attempts += 1;
-    p.advance(Status::Sent, sent_at, None);
-    p.advance(Status::Delivered, at, None);
 }
 
 /// A held delivery keyed by its message id (no copy of the id).
@@ -240,7 +234,11 @@ impl Delivery {
         let r = self
             .inner
             .store
-            .write(move |txn| write_delivered(txn, &inside))
+            .write(move |txn| {
+                let mut t = records::StatusTables::open(txn)?;
+                let mut msgs = txn.open_table(OUT_MESSAGES)?;
+                write_delivered(&mut t, &mut msgs, &inside)
+            })
             .await;
         match r {
             Ok(()) => {
@@ -264,11 +262,10 @@ impl Delivery {
 /// Write `held` as delivered, handing each envelope over to its status
 /// row (the step as `courier::apply_outcomes` wrote it before).
 pub(super) fn write_delivered(
-    txn: &crate::store::Tx<'_>,
+    t: &mut records::StatusTables<'_>,
+    msgs: &mut crate::store::Table<'_, &'static str, &'static [u8]>,
     held: &[Held],
 ) -> Result<(), crate::store::Error> {
-    let mut t = records::StatusTables::open(txn)?;
-    let mut msgs = txn.open_table(OUT_MESSAGES)?;
     for h in held {
         let out = &h.out;
         let mut p = Progress::load_since(&t.status, &out.id, out.summary.created_at_ms, out.since)?;
@@ -276,7 +273,7 @@ pub(super) fn write_delivered(
             continue;
         }
         h.record(&mut p);
-        records::hand_over_and_write(&mut t, &mut msgs, &out.id, &p, &out.summary)?;
+        records::hand_over_and_write(t, msgs, &out.id, &p, &out.summary)?;
     }
     Ok(())
 }
@@ -284,9 +281,9 @@ pub(super) fn write_delivered(
 #[cfg(test)]
 mod tests {
     use std::path::Path;
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
 
-    use crate::delivery::testing::{register, rows};
+    use crate::delivery::testing::{register, rows, wait_until};
     use crate::delivery::{SendRequest, Status, Tracking};
     use crate::identity::AgentId;
     use crate::routing::Address;
@@ -302,15 +299,14 @@ mod tests {
 
     /// Poll the status of `id` until `done` holds (10 s at most).
     async fn wait_for(h: &NodeHandle, id: &str, what: &str, done: impl Fn(&Tracking) -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let t = h.delivery().message(id).unwrap().tracking;
-            if done(&t) {
-                return;
-            }
-            assert!(Instant::now() < deadline, "never {what}: {t:?}");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        let tracking = || h.delivery().message(id).unwrap().tracking;
+        wait_until(
+            what,
+            10,
+            || async { done(&tracking()).then_some(()) },
+            || format!("{:?}", tracking()),
+        )
+        .await;
     }
 
     /// Bob takes message `id` and acks it with `result`; once the sender
@@ -389,14 +385,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (n, h, _, id) = one_message(dir.path(), Duration::from_millis(50)).await;
         // Bob never polls: the sweep (every 0.5 s) writes the step.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while rows(&h, OUT_STATUS) == 0 {
-            assert!(
-                Instant::now() < deadline,
-                "the sweep never wrote the delivery"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wait_until(
+            "the sweep to write the delivery",
+            10,
+            || async { (rows(&h, OUT_STATUS) > 0).then_some(()) },
+            || format!("{} held", h.delivery().held_deliveries()),
+        )
+        .await;
         wait_for(&h, &id, "released", |_| h.delivery().held_deliveries() == 0).await;
         assert_eq!(rows(&h, OUT_MESSAGES), 0);
         let t = h.delivery().message(&id).unwrap().tracking;

@@ -158,11 +158,11 @@ impl Delivery {
 
 #[cfg(test)]
 mod tests {
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
 
     use super::super::inbox::{Inboxes, Slot};
     use crate::delivery::SendRequest;
-    use crate::delivery::testing::{register, start_node};
+    use crate::delivery::testing::{register, start_node, wait_until};
     use crate::identity::AgentId;
     use crate::routing::Address;
     use crate::store::tables::INBOX;
@@ -237,28 +237,24 @@ mod tests {
         assert_eq!(got.len(), 1);
         assert_eq!(got[0].envelope.id, id);
         // Never acked: the courier's sweep saves the lease and its count.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let rec = {
-                let r = h.store().read().unwrap();
-                let t = r.open_table(INBOX).unwrap();
-                let v = t.get((bob.as_str(), id.as_str())).unwrap().unwrap();
-                crate::delivery::records::decode::<crate::delivery::records::InboxRecord>(
-                    "inbox",
-                    v.value(),
-                )
-                .unwrap()
-            };
-            if rec.delivery_count == 1 {
-                assert!(rec.lease_until_ms > 0, "{rec:?}");
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the lease was not saved: {rec:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let rec = || {
+            let r = h.store().read().unwrap();
+            let t = r.open_table(INBOX).unwrap();
+            let v = t.get((bob.as_str(), id.as_str())).unwrap().unwrap();
+            crate::delivery::records::decode::<crate::delivery::records::InboxRecord>(
+                "inbox",
+                v.value(),
+            )
+            .unwrap()
+        };
+        let saved = wait_until(
+            "the sweep to save the lease",
+            10,
+            || async { Some(rec()).filter(|r| r.delivery_count == 1) },
+            || format!("{:?}", rec()),
+        )
+        .await;
+        assert!(saved.lease_until_ms > 0, "{saved:?}");
         drop(h);
         node.shutdown().await;
     }

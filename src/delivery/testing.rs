@@ -1,7 +1,9 @@
 //! Fixtures the delivery tests share: a real node on a data dir, local
 //! agents on it, a database written before the node starts, row counts.
 
+use std::future::Future;
 use std::path::Path;
+use std::time::Duration;
 
 use redb::{Key, TableDefinition, Value};
 
@@ -54,4 +56,23 @@ where
         .unwrap()
         .len()
         .unwrap()
+}
+
+/// `check` every 20 ms until it gives `Some` (its value), failing the test
+/// after `secs` with `what` and `progress` (the bench's `poll_until`).
+pub(crate) async fn wait_until<T, Fut: Future<Output = Option<T>>>(
+    what: &str,
+    secs: u64,
+    check: impl FnMut() -> Fut,
+    progress: impl Fn() -> String,
+) -> T {
+    crate::bench::support::poll_until(
+        what,
+        Duration::from_millis(20),
+        Duration::from_secs(secs),
+        check,
+        progress,
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}"))
 }

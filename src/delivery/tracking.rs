@@ -31,16 +31,14 @@ impl Delivery {
         let held = self.inner.handed.get(id);
         let r = self.inner.store.read()?;
         let status = r.open_table(OUT_STATUS)?;
-        let progress = match (read_progress(&status, id)?, held) {
-            // A row with a summary was written at or after the delivery.
-            (Some(p), _) if p.summary.is_some() || p.status.is_final() => Some(p),
-            (p, Some(h)) => {
-                let mut p = p.unwrap_or_else(|| Progress::queued(h.out.summary.created_at_ms));
-                h.record(&mut p);
-                Some(p)
+        let mut progress = read_progress(&status, id)?;
+        if let Some(h) = held {
+            let p = progress.get_or_insert_with(|| Progress::queued(h.out.summary.created_at_ms));
+            // A row with a summary already holds the delivery.
+            if !p.status.is_final() {
+                h.record(p);
             }
-            (p, None) => p,
-        };
+        }
         let msgs = r.open_table(OUT_MESSAGES)?;
         let (summary, progress) = summary_of(&status, &msgs, id, progress)?;
         let tracking = Tracking::from_parts(&summary, progress);

@@ -1,9 +1,7 @@
-use std::time::{Duration, Instant};
-
 use super::{Cmd, Item, Replay, Seen};
 use crate::delivery::records::tests::{envelope, head};
 use crate::delivery::records::{self, OutHead};
-use crate::delivery::testing::{rows, start_node, write_before_start};
+use crate::delivery::testing::{rows, start_node, wait_until, write_before_start};
 use crate::store::tables::{OUT_MESSAGES, OUTBOX, RECEIPT_BATCHES, RECEIPTS_OUT};
 use crate::wire::{self, Envelope, Receipt, ReceiptKind};
 
@@ -53,20 +51,16 @@ async fn queued_messages_replay_from_their_envelopes_and_the_old_index_is_emptie
     }
     let node = start_node(dir.path()).await;
     let h = node.handle();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let left = rows(&h, OUTBOX);
-        let (messages, _) = h.delivery().backlog().await.unwrap();
-        if left == 0 && messages == ids.len() {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "index rows left: {left}; messages queued: {messages} (want 0 and {})",
-            ids.len()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until(
+        "the index emptied and every message queued",
+        20,
+        || async {
+            let (messages, _) = h.delivery().backlog().await.unwrap();
+            (rows(&h, OUTBOX) == 0 && messages == ids.len()).then_some(())
+        },
+        || format!("index rows left: {} (want 0)", rows(&h, OUTBOX)),
+    )
+    .await;
     // The envelopes are still stored: they are the outbox now.
     let stored = rows(&h, OUT_MESSAGES);
     assert_eq!(stored as usize, ids.len());
@@ -113,19 +107,16 @@ async fn receipts_of_schema_4_move_into_a_row_per_node_and_are_queued() {
     }
     let node = start_node(dir.path()).await;
     let h = node.handle();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let left = rows(&h, RECEIPTS_OUT);
-        let (_, queued) = h.delivery().backlog().await.unwrap();
-        if left == 1 && queued == 2 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "old rows left: {left}; rows queued: {queued} (want 1 and 2)"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until(
+        "the old rows moved and queued",
+        20,
+        || async {
+            let (_, queued) = h.delivery().backlog().await.unwrap();
+            (rows(&h, RECEIPTS_OUT) == 1 && queued == 2).then_some(())
+        },
+        || format!("old rows left: {} (want 1)", rows(&h, RECEIPTS_OUT)),
+    )
+    .await;
     let mut by_node = Vec::new();
     {
         let r = h.store().read().unwrap();
