@@ -24,6 +24,7 @@ mod behaviour;
 mod codec;
 mod event_loop;
 mod idle;
+mod mux;
 mod peers;
 mod transport;
 

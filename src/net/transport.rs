@@ -4,9 +4,10 @@
 
 use libp2p::core::transport::{MemoryTransport, Transport, upgrade};
 use libp2p::identity::Keypair;
-use libp2p::{Swarm, SwarmBuilder, noise, tcp, yamux};
+use libp2p::{Swarm, SwarmBuilder, noise, tcp};
 
 use super::behaviour::{self, Behaviour, Protocols};
+use super::mux::Yamux;
 use crate::config::{NetworkConfig, TransportKind};
 
 /// Why a swarm could not be built.
@@ -30,7 +31,7 @@ pub fn build_swarm(
             .with_tcp(
                 tcp::Config::default().nodelay(true),
                 noise::Config::new,
-                yamux::Config::default,
+                Yamux::new,
             )
             .map_err(|e| err(&e))?
             .with_quic()
@@ -50,14 +51,8 @@ pub fn build_swarm(
                 .with_other_transport(move |_| {
                     let memory = MemoryTransport::default().upgrade(upgrade::Version::V1);
                     match plain {
-                        Some(plain) => memory
-                            .authenticate(plain)
-                            .multiplex(yamux::Config::default())
-                            .boxed(),
-                        None => memory
-                            .authenticate(noise)
-                            .multiplex(yamux::Config::default())
-                            .boxed(),
+                        Some(plain) => memory.authenticate(plain).multiplex(Yamux::new()).boxed(),
+                        None => memory.authenticate(noise).multiplex(Yamux::new()).boxed(),
                     }
                 })
                 .map_err(|e| err(&e))?
