@@ -31,7 +31,8 @@ use crate::identity::{AgentId, NodeKey};
 use crate::net::NetHandle;
 use crate::routing::{RouteError, Router};
 use crate::store::{self, Store};
-use crate::wire::{self, Request, Response};
+use crate::wire::rpc::{Batch, SignedParts};
+use crate::wire::{self, Response};
 
 mod ack;
 mod courier;
@@ -233,25 +234,22 @@ impl Delivery {
         rx.await.map_err(|_| Error::Stopped)
     }
 
-    /// Answer a delivery request from a peer (`Deliver` or `Receipts`).
-    pub async fn handle_request(&self, peer: PeerId, req: Request) -> Response {
-        match req {
-            Request::Deliver { payload, sig } => {
-                match self.accept_batch(peer, &payload, &sig).await {
-                    Ok(outcomes) => Response::Delivered(outcomes),
-                    Err(message) => Response::Error { message },
-                }
-            }
-            Request::Receipts { payload, sig } => {
-                match self.apply_receipts(peer, &payload, &sig).await {
-                    Ok(()) => Response::Ack,
-                    Err(message) => Response::Error { message },
-                }
-            }
-            _ => Response::Error {
-                message: "not a delivery request".into(),
-            },
-        }
+    /// Answer a signed batch request from a peer (`Deliver` or `Receipts`),
+    /// its fields where `parts` says they lie in `frame`.
+    pub async fn handle_batch(&self, peer: PeerId, frame: Vec<u8>, parts: SignedParts) -> Response {
+        let frame = Arc::new(frame);
+        let sig = &frame[parts.sig.clone()];
+        let done = match parts.batch {
+            Batch::Deliver => self
+                .accept_batch(peer, &frame, parts.payload, sig)
+                .await
+                .map(Response::Delivered),
+            Batch::Receipts => self
+                .apply_receipts(peer, &frame[parts.payload], sig)
+                .await
+                .map(|()| Response::Ack),
+        };
+        done.unwrap_or_else(|message| Response::Error { message })
     }
 
     /// A peer connected: retry its queues now.

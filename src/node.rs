@@ -470,7 +470,7 @@ async fn dispatch(
                 let node = node.clone();
                 tokio::spawn(
                     async move {
-                        let resp = node.answer(peer, &data).await;
+                        let resp = node.answer(peer, data).await;
                         let _ = node.inner.net.respond(channel, wire::encode(&resp)).await;
                     }
                     .in_current_span(),
@@ -506,19 +506,22 @@ async fn dispatch(
 }
 
 impl NodeHandle {
-    /// Decode a peer's request and let its owner answer it.
-    async fn answer(&self, peer: PeerId, data: &[u8]) -> wire::Response {
-        match wire::decode::<wire::Request>(data, wire::MAX_FRAME_BYTES) {
-            Ok(req @ (wire::Request::Deliver { .. } | wire::Request::Receipts { .. })) => {
-                self.inner.delivery.handle_request(peer, req).await
+    /// Decode a peer's request and let its owner answer it. Batches of
+    /// messages and receipts are read where they lie in the frame.
+    async fn answer(&self, peer: PeerId, frame: Vec<u8>) -> wire::Response {
+        let refused = |e: wire::Error| {
+            tracing::debug!(%peer, error = %e, "undecodable request");
+            wire::Response::Error {
+                message: format!("cannot decode request: {e}"),
             }
-            Ok(req) => self.inner.discovery.handle_request(peer, req).await,
-            Err(e) => {
-                tracing::debug!(%peer, error = %e, "undecodable request");
-                wire::Response::Error {
-                    message: format!("cannot decode request: {e}"),
-                }
-            }
+        };
+        match wire::rpc::signed_parts(&frame) {
+            Ok(Some(parts)) => self.inner.delivery.handle_batch(peer, frame, parts).await,
+            Ok(None) => match wire::decode::<wire::Request>(&frame, wire::MAX_FRAME_BYTES) {
+                Ok(req) => self.inner.discovery.handle_request(peer, req).await,
+                Err(e) => refused(e),
+            },
+            Err(e) => refused(e),
         }
     }
 }

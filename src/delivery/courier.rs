@@ -20,7 +20,8 @@ use crate::time::now_ms;
 use crate::wire::envelope::{
     DeliverPayloadRef, MAX_BATCH_BYTES, MAX_BATCH_MESSAGES, ReceiptPayload,
 };
-use crate::wire::{self, Envelope, Outcome, Receipt, Rejection, Request, Response};
+use crate::wire::rpc::{self, Batch};
+use crate::wire::{self, Envelope, Outcome, Receipt, Rejection, Response};
 
 /// Command queue length.
 pub(crate) const QUEUE: usize = 8192;
@@ -401,23 +402,23 @@ async fn request_delivery(
             .collect()
     });
     let to_node = peer.to_string();
-    let payload = wire::encode(&DeliverPayloadRef {
+    let payload = DeliverPayloadRef {
         to_node: &to_node,
         sender_ads: &sender_ads,
         messages: outs
             .iter()
             .map(|o| serde_bytes::Bytes::new(&o.bytes))
             .collect(),
+    };
+    let request = rpc::encode_signed(Batch::Deliver, &payload, |p| {
+        d.inner
+            .node_key
+            .sign(&wire::digest_signing_bytes(DELIVER_DOMAIN, p))
     });
-    let sig = d
-        .inner
-        .node_key
-        .sign(&wire::digest_signing_bytes(DELIVER_DOMAIN, &payload))
-        .to_vec();
     let bytes = d
         .inner
         .net
-        .request(peer, wire::encode(&Request::Deliver { payload, sig }))
+        .request(peer, request)
         .await
         .map_err(|e| e.to_string())?;
     match wire::decode::<Response>(&bytes, wire::MAX_FRAME_BYTES).map_err(|e| e.to_string())? {
@@ -611,19 +612,19 @@ async fn send_receipts(
             .await
             .map_err(|e| e.to_string())?;
     } else {
-        let payload = wire::encode(&ReceiptPayload {
+        let payload = ReceiptPayload {
             to_node: node.clone(),
             receipts,
+        };
+        let request = rpc::encode_signed(Batch::Receipts, &payload, |p| {
+            d.inner
+                .node_key
+                .sign(&wire::digest_signing_bytes(RECEIPTS_DOMAIN, p))
         });
-        let sig = d
-            .inner
-            .node_key
-            .sign(&wire::digest_signing_bytes(RECEIPTS_DOMAIN, &payload))
-            .to_vec();
         let bytes = d
             .inner
             .net
-            .request(peer, wire::encode(&Request::Receipts { payload, sig }))
+            .request(peer, request)
             .await
             .map_err(|e| e.to_string())?;
         match wire::decode::<Response>(&bytes, wire::MAX_FRAME_BYTES).map_err(|e| e.to_string())? {

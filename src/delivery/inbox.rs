@@ -22,7 +22,7 @@ use crate::discovery::ad;
 use crate::identity::{AgentId, IdMap};
 use crate::store::tables::{INBOX, INBOX_MESSAGES, REPLIES};
 use crate::time::now_ms;
-use crate::wire::envelope::{DeliverPayload, EnvelopeRef, MAX_BATCH_BYTES, MAX_BATCH_MESSAGES};
+use crate::wire::envelope::{DeliverPayloadIn, EnvelopeRef, MAX_BATCH_BYTES, MAX_BATCH_MESSAGES};
 use crate::wire::{self, Envelope, Outcome, ReceiptKind, Rejection};
 
 /// A message handed to an agent.
@@ -93,7 +93,26 @@ pub(crate) struct Arrival {
     reply_to: Option<String>,
     expires_at_ms: u64,
     /// Its wire encoding, stored as it is.
-    bytes: Vec<u8>,
+    bytes: Shared,
+}
+
+/// A message's wire bytes where they already are: in the request frame
+/// they arrived in, or in the outbound message of a send between local
+/// agents. Storing copies them once, into the write-ahead log and memtable.
+pub(crate) enum Shared {
+    /// `frame[range]`.
+    Frame(Arc<Vec<u8>>, std::ops::Range<usize>),
+    /// The message's encoded envelope.
+    Local(Arc<super::queue::Outbound>),
+}
+
+impl Shared {
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            Shared::Frame(f, r) => &f[r.clone()],
+            Shared::Local(o) => &o.bytes,
+        }
+    }
 }
 
 impl Arrival {
@@ -106,7 +125,7 @@ impl Arrival {
                 .map_err(|e| Rejection::Invalid(format!("message does not decode: {e}")))?,
             reply_to: env.reply_to.map(str::to_string),
             expires_at_ms: env.expires_at_ms,
-            bytes: Vec::new(),
+            bytes: Shared::Frame(Arc::default(), 0..0),
         })
     }
 }
@@ -154,9 +173,11 @@ impl Delivery {
     pub(crate) async fn accept_batch(
         &self,
         peer: PeerId,
-        payload: &[u8],
+        frame: &Arc<Vec<u8>>,
+        payload: std::ops::Range<usize>,
         sig: &[u8],
     ) -> Result<Vec<Outcome>, String> {
+        let payload = &frame[payload];
         if payload.len() > MAX_BATCH_BYTES {
             return Err(format!(
                 "batch of {} bytes exceeds {MAX_BATCH_BYTES}",
@@ -164,8 +185,8 @@ impl Delivery {
             ));
         }
         verify_node_sig(&peer, super::DELIVER_DOMAIN, payload, sig)?;
-        let p: DeliverPayload =
-            wire::decode(payload, MAX_BATCH_BYTES).map_err(|e| e.to_string())?;
+        let p: DeliverPayloadIn<'_> =
+            wire::decode_borrowed(payload, MAX_BATCH_BYTES).map_err(|e| e.to_string())?;
         if p.to_node != self.inner.node_id.to_string() {
             return Err(format!(
                 "batch is addressed to node {}, not this one",
@@ -203,8 +224,7 @@ impl Delivery {
             .messages
             .into_iter()
             .map(|raw| {
-                let raw = raw.into_vec();
-                let env = decode_message(&raw)?;
+                let env = decode_message(raw)?;
                 let hosted_here = match hosted.get(env.from) {
                     Some(node) => *node == peer_str,
                     None => self.inner.discovery.with_registry(|r| {
@@ -218,7 +238,10 @@ impl Delivery {
                         env.from
                     )));
                 }
-                self.admit(&env, now).map(|a| Arrival { bytes: raw, ..a })
+                // Where the message lies in the frame it came in.
+                let start = raw.as_ptr() as usize - frame.as_ptr() as usize;
+                let bytes = Shared::Frame(frame.clone(), start..start + raw.len());
+                self.admit(&env, now).map(|a| Arrival { bytes, ..a })
             })
             .collect();
         self.store_checked(peer, checked)
@@ -238,7 +261,7 @@ impl Delivery {
             .map(|o| {
                 let a = self.admit(&decode_message(&o.bytes)?, now)?;
                 Ok(Arrival {
-                    bytes: o.bytes.clone(),
+                    bytes: Shared::Local(o.clone()),
                     ..a
                 })
             })
@@ -291,7 +314,7 @@ impl Delivery {
         checked: Vec<Result<Arrival, Rejection>>,
     ) -> Result<Vec<Outcome>, crate::store::Error> {
         let node = from_node.to_string();
-        let (outcomes, stored, spent) = self
+        let (outcomes, stored) = self
             .inner
             .store
             .write(move |txn| {
@@ -299,7 +322,6 @@ impl Delivery {
                 let mut messages = txn.open_table(INBOX_MESSAGES)?;
                 let mut replies = txn.open_table(REPLIES)?;
                 let now = now_ms();
-                let mut spent = Vec::with_capacity(checked.len());
                 let mut outcomes = Vec::with_capacity(checked.len());
                 let mut stored = Vec::new();
                 for arrival in checked {
@@ -322,7 +344,6 @@ impl Delivery {
                     // A retry of a message stored earlier keeps its record.
                     if inbox.get(key)?.is_some() {
                         outcomes.push(Outcome::Duplicate);
-                        spent.push(a.bytes);
                         continue;
                     }
                     // Neither row exists (the envelope row never outlives
@@ -335,15 +356,10 @@ impl Delivery {
                     }
                     stored.push((a.to, a.id, a.expires_at_ms, now));
                     outcomes.push(Outcome::Stored);
-                    spent.push(a.bytes);
                 }
-                Ok((outcomes, stored, spent))
+                Ok((outcomes, stored))
             })
             .await?;
-        // The envelopes' buffers were allocated on this side: freeing them
-        // here, not on the writer thread, spares the allocator a
-        // cross-thread free per message.
-        drop(spent);
         let s = &self.inner.stats;
         Stats::add(&s.inbox_stored, stored.len());
         Stats::add(

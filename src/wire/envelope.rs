@@ -121,6 +121,21 @@ pub struct DeliverPayloadRef<'a> {
     pub messages: Vec<&'a serde_bytes::Bytes>,
 }
 
+/// A `DeliverPayload` decoded borrowing its strings and messages from the
+/// request frame, as the receiver reads it: no message is copied before it
+/// is stored.
+#[derive(Debug, Deserialize)]
+pub struct DeliverPayloadIn<'a> {
+    /// See `DeliverPayload::to_node`.
+    #[serde(borrow)]
+    pub to_node: &'a str,
+    /// See `DeliverPayload::sender_ads`.
+    pub sender_ads: Vec<SignedAd>,
+    /// See `DeliverPayload::messages`.
+    #[serde(borrow)]
+    pub messages: Vec<&'a serde_bytes::Bytes>,
+}
+
 /// What the receiver did with one message.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Outcome {
