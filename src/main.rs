@@ -110,7 +110,8 @@ struct Cli {
     /// Log output format.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
-    /// Threads of the async runtime (default: one per core).
+    /// Threads of the async runtime (default: one per core less one, left
+    /// to the storage threads, and at least one; `simulate`: one per core).
     #[arg(long, global = true, env = "AGENTMESH_WORKER_THREADS", value_name = "N",
           value_parser = clap::value_parser!(u16).range(1..=1024))]
     worker_threads: Option<u16>,
@@ -242,16 +243,21 @@ fn main() -> ExitCode {
     }
 }
 
-/// Async worker threads: `--worker-threads`, else one per core. One
-/// worker on 2 cores took about 7% less CPU per message in `bench
-/// delivery` (the three storage threads of each node then have a core
-/// to themselves) but moved no more messages per second
-/// (BENCHMARKS.md, stop 16), so the default stays one per core.
+/// Async worker threads: `--worker-threads`, else one per core less
+/// one. Each node's storage threads (writer, flusher, syncer) do about 45%
+/// of its work per message; with one core left to them, and no worker
+/// waking or stealing from another, `bench delivery` on 2 cores took
+/// 12–18% less CPU per message with one worker than with two, and moved
+/// 4–8% more messages (BENCHMARKS.md, stop 21; stops 16 to 19 had seen the
+/// CPU saving without the throughput). A simulation runs hundreds of nodes
+/// in one process, whose async work dominates: one worker per core.
 fn worker_threads(cli: &Cli) -> usize {
-    cli.worker_threads.map_or_else(
-        || std::thread::available_parallelism().map_or(1, |n| n.get()),
-        usize::from,
-    )
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let default = match cli.command {
+        Command::Simulate(_) => cores,
+        _ => cores.saturating_sub(1).max(1),
+    };
+    cli.worker_threads.map_or(default, usize::from)
 }
 
 fn init_logging(format: LogFormat, default: &str) {
