@@ -428,24 +428,20 @@ impl SeededRng {
 #[cfg(test)]
 mod tests {
     use std::collections::HashSet;
-    use std::time::{Duration, Instant};
 
     use super::*;
 
-    /// Poll `f` every 50 ms until it holds; panic naming `what` after `timeout`.
-    async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut f: F)
+    /// Poll `f` until it holds; panic naming `what` after `secs`.
+    async fn wait_until<F, Fut>(what: &str, secs: u64, mut f: F)
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = bool>,
     {
-        let deadline = Instant::now() + timeout;
-        while !f().await {
-            assert!(
-                Instant::now() < deadline,
-                "timed out after {timeout:?} waiting for {what}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let check = || {
+            let held = f();
+            async move { held.await.then_some(()) }
+        };
+        crate::delivery::testing::wait_until(what, secs, check, String::new).await
     }
 
     /// Peer ids node `i` lists (connected or in its routing table).
@@ -488,11 +484,9 @@ mod tests {
                 .filter(|j| *j != i)
                 .filter_map(|j| c.node_id(j))
                 .collect();
-            wait_until(
-                &format!("node {i} to list the 3 others"),
-                Duration::from_secs(30),
-                || async { others.is_subset(&listed(&c, i).await) },
-            )
+            wait_until(&format!("node {i} to list the 3 others"), 30, || async {
+                others.is_subset(&listed(&c, i).await)
+            })
             .await;
             assert!(
                 !listed(&c, i).await.contains(&me),
@@ -522,7 +516,7 @@ mod tests {
                     .is_ok_and(|ps| ps.iter().any(|p| p.peer_id == id0 && p.connected))
             }
         };
-        let long = Duration::from_secs(30);
+        let long = 30;
         wait_until("node 1 to connect to node 0", long, || {
             connected_to_0(&c, 1)
         })
