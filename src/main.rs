@@ -253,11 +253,16 @@ fn main() -> ExitCode {
 /// in one process, whose async work dominates: one worker per core.
 fn worker_threads(cli: &Cli) -> usize {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let default = match cli.command {
+    cli.worker_threads
+        .map_or_else(|| default_workers(&cli.command, cores), usize::from)
+}
+
+/// [`worker_threads`] when `--worker-threads` is not given.
+fn default_workers(command: &Command, cores: usize) -> usize {
+    match command {
         Command::Simulate(_) => cores,
         _ => cores.saturating_sub(1).max(1),
-    };
-    cli.worker_threads.map_or(default, usize::from)
+    }
 }
 
 fn init_logging(format: LogFormat, default: &str) {
@@ -433,6 +438,26 @@ fn write_config(path: &Path, mesh: &str, force: bool) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_core_is_left_to_the_storage_threads_except_in_simulations() {
+        let cmd = |args: &[&str]| {
+            Cli::try_parse_from([&["agentmesh"], args].concat())
+                .unwrap()
+                .command
+        };
+        let node = cmd(&["node"]);
+        let bench = cmd(&["bench", "delivery"]);
+        let sim = cmd(&["simulate", "simulations/steady-100.toml"]);
+        for (cores, workers) in [(1, 1), (2, 1), (4, 3), (16, 15)] {
+            assert_eq!(default_workers(&node, cores), workers, "{cores} cores");
+            assert_eq!(default_workers(&bench, cores), workers, "{cores} cores");
+            assert_eq!(default_workers(&sim, cores), cores, "{cores} cores");
+        }
+        // The flag wins, whatever the command.
+        let cli = Cli::try_parse_from(["agentmesh", "--worker-threads", "3", "node"]).unwrap();
+        assert_eq!(worker_threads(&cli), 3);
+    }
 
     #[test]
     fn the_purge_delay_option_is_the_one_tuned() {
