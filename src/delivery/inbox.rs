@@ -116,16 +116,15 @@ impl Shared {
 }
 
 impl Arrival {
-    /// What storing needs of a checked message (`bytes` moves in after the
-    /// borrowed envelope is gone: see `admit`).
-    fn of(env: &EnvelopeRef<'_>) -> Result<Self, Rejection> {
+    /// What storing needs of a checked message, with its bytes.
+    fn of(env: &EnvelopeRef<'_>, bytes: Shared) -> Result<Self, Rejection> {
         Ok(Arrival {
             id: env.id.to_string(),
             to: AgentId::from_wire(env.to)
                 .map_err(|e| Rejection::Invalid(format!("message does not decode: {e}")))?,
             reply_to: env.reply_to.map(str::to_string),
             expires_at_ms: env.expires_at_ms,
-            bytes: Shared::Frame(Arc::default(), 0..0),
+            bytes,
         })
     }
 }
@@ -241,7 +240,7 @@ impl Delivery {
                 // Where the message lies in the frame it came in.
                 let start = raw.as_ptr() as usize - frame.as_ptr() as usize;
                 let bytes = Shared::Frame(frame.clone(), start..start + raw.len());
-                self.admit(&env, now).map(|a| Arrival { bytes, ..a })
+                self.admit(&env, now, bytes)
             })
             .collect();
         self.store_checked(peer, checked)
@@ -258,25 +257,19 @@ impl Delivery {
         let now = now_ms();
         let checked = outs
             .iter()
-            .map(|o| {
-                let a = self.admit(&decode_message(&o.bytes)?, now)?;
-                Ok(Arrival {
-                    bytes: Shared::Local(o.clone()),
-                    ..a
-                })
-            })
+            .map(|o| self.admit(&decode_message(&o.bytes)?, now, Shared::Local(o.clone())))
             .collect();
         self.store_checked(self.inner.node_id, checked)
             .await
             .map_err(|e| e.to_string())
     }
 
-    /// A decoded message that passes `check`, ready to store once the
-    /// caller moves its bytes in.
-    fn admit(&self, env: &EnvelopeRef<'_>, now: u64) -> Result<Arrival, Rejection> {
+    /// A decoded message that passes `check`, ready to store with `bytes`
+    /// (its encoding, which `env` borrows).
+    fn admit(&self, env: &EnvelopeRef<'_>, now: u64, bytes: Shared) -> Result<Arrival, Rejection> {
         match self.check(env, now) {
             Some(r) => Err(r),
-            None => Arrival::of(env),
+            None => Arrival::of(env, bytes),
         }
     }
 

@@ -219,6 +219,20 @@ mod tests {
                 messages: bodies.iter().map(|b| serde_bytes::Bytes::new(b)).collect(),
             };
             let encoded = crate::wire::encode(&payload);
+            // What the sender writes, the owned and the borrowed readers read.
+            let owned: crate::wire::envelope::DeliverPayload =
+                crate::wire::decode(&encoded, crate::wire::MAX_FRAME_BYTES).unwrap();
+            let borrowed: crate::wire::envelope::DeliverPayloadIn<'_> =
+                crate::wire::decode_borrowed(&encoded, crate::wire::MAX_FRAME_BYTES).unwrap();
+            assert_eq!(owned.messages, bodies);
+            assert_eq!(borrowed.to_node, owned.to_node);
+            assert!(
+                borrowed
+                    .messages
+                    .iter()
+                    .map(|m| m.as_ref())
+                    .eq(bodies.iter().map(Vec::as_slice))
+            );
             let two_steps = crate::wire::encode(&Request::Deliver {
                 sig: sig_of(&encoded).to_vec(),
                 payload: encoded,
